@@ -1,0 +1,331 @@
+"""params.yaml, validated: one frozen dataclass per section, unknown keys rejected.
+
+params.yaml is the single source of hyperparameters (DVC tracks it, `dvc exp run -S` edits it).
+Each stage reads only the sections it declares in dvc.yaml; `load_params()` builds every section so
+that a typo anywhere fails before work starts, naming the key (e.g. ``train.cyclegan.lamda_A``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is missing, unknown or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    seed: int = 0                      # Global seed: data generation, init, sampling.
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    source: str                        # "embedded" | "cyclegan" | "pix2pix" | "cityscapes" | "folder"
+    name: Optional[str] = None         # Registry name when it differs from the key (e.g. pix2pix "facades").
+    path: Optional[str] = None         # source=folder: the user's folder; cityscapes: where the zips are.
+    url: Optional[str] = None          # Override the registry URL (mirrors, tests).
+    sha256: Optional[str] = None       # Expected archive hash; recorded on first download when null.
+    kind: Optional[str] = None         # source=embedded: which generator of the embedded suite.
+    size: int = 64                     # source=embedded: image side in pixels.
+    n_train: int = 200                 # source=embedded: training images per domain.
+    n_test: int = 50                   # source=embedded: test images per domain.
+    resize: Optional[int] = None       # prepare: resize every image (square) to this side; null keeps sizes.
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    load_size: int = 286               # Train transform: resize to load_size x load_size (bicubic) ...
+    crop_size: int = 256               # ... then random crop; test images are resized to crop_size.
+    flip: bool = True                  # Random horizontal flip at train time.
+    num_workers: int = 0               # DataLoader workers per process.
+    bad_images: str = "skip"           # prepare: "skip" bad files (and report them) or "stop".
+    max_download_bytes: int = 20 * 2**30   # Refuse archives that expand beyond this.
+    download_timeout: float = 60.0     # Seconds without data before a download attempt fails.
+    download_retries: int = 4          # Attempts, with exponential backoff, before giving up.
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    netG: str = "resnet_9blocks"       # resnet_6blocks | resnet_9blocks | unet_128 | unet_256
+    ngf: int = 64                      # Generator filters in the first layer.
+    norm: str = "instance"             # instance | batch | none
+    use_dropout: bool = False          # Dropout(0.5) in ResNet blocks / U-Net middle blocks.
+    lam: float = 0.25                  # Unconstrained fraction per task (lambda in the paper).
+    lam_overrides: dict = field(default_factory=dict)  # {layer name or "first"/"last": lambda}
+    netD: str = "basic"                # basic (70x70 PatchGAN) | n_layers | pixel
+    ndf: int = 64                      # Discriminator filters in the first layer.
+    n_layers_D: int = 3                # PatchGAN depth when netD=n_layers.
+    input_nc: int = 3
+    output_nc: int = 3
+
+
+@dataclass(frozen=True)
+class CycleGANConfig:
+    gan_mode: str = "lsgan"
+    lambda_A: float = 10.0             # Cycle loss weight A -> B -> A.
+    lambda_B: float = 10.0             # Cycle loss weight B -> A -> B.
+    lambda_identity: float = 0.5       # Identity loss weight, relative to lambda_A / lambda_B.
+    pool_size: int = 50                # Image pool of earlier fakes shown to the discriminators.
+
+
+@dataclass(frozen=True)
+class Pix2PixConfig:
+    gan_mode: str = "vanilla"
+    lambda_L1: float = 100.0
+    pool_size: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "piggyback"          # piggyback | separate | finetune (baselines, see README)
+    epochs: int = 100                  # Epochs at the initial learning rate ...
+    epochs_decay: int = 100            # ... then epochs of linear decay towards 0.
+    batch_size: int = 1                # Per process.
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    nproc: int = 1                     # torchrun --nproc_per_node (dvc.yaml reads it).
+    snapshot_every: int = 500          # Iterations between resume snapshots (0: only at epoch ends).
+    probe_images: int = 4              # Test images whose outputs prove a task was not forgotten.
+    max_steps: int = 0                 # Stop each task after this many iterations (0: no limit).
+    amp: str = "none"                  # none | bf16 | fp16 (CUDA only)
+    channels_last: bool = False
+    log_every: int = 10                # Iterations between loss logs to MLflow.
+    cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
+    pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    dataset: str                       # Key in `datasets`.
+    prev: str                          # Predecessor task id, or "init" for the first task.
+    mode: str = "cyclegan"             # cyclegan (unpaired) | pix2pix (paired)
+    direction: str = "AtoB"            # AtoB | BtoA
+    epochs: Optional[int] = None       # Per-task overrides of train.epochs / train.epochs_decay / model.lam.
+    epochs_decay: Optional[int] = None
+    lam: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 50
+    fid_weights: Optional[str] = None  # Path to pt_inception-2015-12-05-6726825d.pth; else hub cache, else download.
+    require_fid: bool = False          # Fail the stage when FID cannot be computed (no weights).
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000        # Lowered automatically to the size of small test sets.
+    num_test: int = 0                  # Translate at most this many test images (0: all).
+    grid_images: int = 8               # Images in the sample grid.
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
+    experiment: str = "piggyback-gan"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseConfig
+    datasets: dict                     # {name: DatasetConfig}
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    tasks: dict                        # {task id: TaskConfig}, insertion order as in params.yaml
+    eval: EvalConfig
+    mlflow: MlflowConfig
+
+    def task_order(self) -> list[str]:
+        """Task ids in training order, following `prev` links from "init"."""
+        return task_order(self.tasks)
+
+
+CHOICES = {
+    "DatasetConfig.source": {"embedded", "cyclegan", "pix2pix", "cityscapes", "folder"},
+    "DataConfig.bad_images": {"skip", "stop"},
+    "ModelConfig.netG": {"resnet_6blocks", "resnet_9blocks", "unet_128", "unet_256"},
+    "ModelConfig.norm": {"instance", "batch", "none"},
+    "ModelConfig.netD": {"basic", "n_layers", "pixel"},
+    "CycleGANConfig.gan_mode": {"lsgan", "vanilla"},
+    "Pix2PixConfig.gan_mode": {"lsgan", "vanilla"},
+    "TrainConfig.method": {"piggyback", "separate", "finetune"},
+    "TrainConfig.amp": {"none", "bf16", "fp16"},
+    "TaskConfig.mode": {"cyclegan", "pix2pix"},
+    "TaskConfig.direction": {"AtoB", "BtoA"},
+}
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp in (int, float, str, bool, dict) and not isinstance(value, tp) or (
+        tp is int and isinstance(value, bool)
+    ):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls: type, data: Any, key: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys; `key` names it in errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"Unknown config key: {key}.{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        sub = f"{key}.{f.name}"
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"Missing config key: {sub}")
+            continue
+        tp = hints[f.name]
+        value = data[f.name]
+        if dataclasses.is_dataclass(tp):
+            value = build(tp, value, sub)
+        else:
+            value = _check_type(value, tp, sub)
+        allowed = CHOICES.get(f"{cls.__name__}.{f.name}")
+        if allowed and value is not None and value not in allowed:
+            raise ConfigError(f"{sub}: {value!r} is not one of {sorted(allowed)}")
+        kwargs[f.name] = value
+    obj = cls(**kwargs)
+    _validate(obj, key)
+    return obj
+
+
+def _validate(obj: Any, key: str) -> None:
+    positive = {
+        "DataConfig": ["load_size", "crop_size"],
+        "ModelConfig": ["ngf", "ndf", "n_layers_D", "input_nc", "output_nc"],
+        "TrainConfig": ["batch_size", "nproc", "probe_images"],
+        "EvalConfig": ["batch_size", "kid_subsets", "kid_subset_size"],
+        "DatasetConfig": ["size", "n_train", "n_test"],
+    }
+    for name in positive.get(type(obj).__name__, []):
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(obj, name)!r}")
+    lams = []
+    if isinstance(obj, ModelConfig):
+        lams = [("lam", obj.lam)] + [(f"lam_overrides.{k}", v) for k, v in obj.lam_overrides.items()]
+    if isinstance(obj, TaskConfig) and obj.lam is not None:
+        lams = [("lam", obj.lam)]
+    for name, lam in lams:
+        if not isinstance(lam, (int, float)) or not 0 < lam <= 1:
+            raise ConfigError(f"{key}.{name}: lambda must be in (0, 1], got {lam!r}")
+    if isinstance(obj, DataConfig) and obj.load_size < obj.crop_size:
+        raise ConfigError(f"{key}.load_size ({obj.load_size}) must be >= {key}.crop_size ({obj.crop_size})")
+    if isinstance(obj, TrainConfig) and (obj.epochs < 0 or obj.epochs_decay < 0 or obj.epochs + obj.epochs_decay == 0):
+        raise ConfigError(f"{key}.epochs / epochs_decay: need >= 0 each and at least one epoch in all")
+
+
+def task_order(tasks: dict) -> list[str]:
+    """Follow `prev` links from "init"; every task must be reached exactly once."""
+    nexts: dict[str, list[str]] = {}
+    for tid, t in tasks.items():
+        nexts.setdefault(t.prev, []).append(tid)
+    order, cur = [], "init"
+    while cur in nexts:
+        (nxt, *more) = nexts[cur]
+        if more:
+            raise ConfigError(f"tasks: {cur!r} has several successors: {sorted(nexts[cur])}")
+        order.append(nxt)
+        cur = nxt
+    missing = sorted(set(tasks) - set(order))
+    if missing:
+        raise ConfigError(f"tasks.{missing[0]}.prev: {tasks[missing[0]].prev!r} does not lead back to 'init'")
+    return order
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    """Validate a params mapping (as read from params.yaml) into `Params`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    sections = {f.name for f in dataclasses.fields(Params)}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise ConfigError(f"Unknown config key: {unknown[0]} in {source} (sections: {', '.join(sorted(sections))})")
+    datasets = {k: build(DatasetConfig, v, f"datasets.{k}") for k, v in (raw.get("datasets") or {}).items()}
+    tasks = {}
+    for tid, v in (raw.get("tasks") or {}).items():
+        tid = str(tid)
+        if not tid or any(c in tid for c in ".@ /") or tid == "init":
+            raise ConfigError(f"tasks.{tid}: task ids must be non-empty, not 'init', without '.', '@', '/' or spaces")
+        tasks[tid] = build(TaskConfig, v, f"tasks.{tid}")
+        if tasks[tid].dataset not in datasets:
+            raise ConfigError(f"tasks.{tid}.dataset: {tasks[tid].dataset!r} is not a key of `datasets`")
+    p = Params(
+        base=build(BaseConfig, raw.get("base"), "base"),
+        datasets=datasets,
+        data=build(DataConfig, raw.get("data"), "data"),
+        model=build(ModelConfig, raw.get("model"), "model"),
+        train=build(TrainConfig, raw.get("train"), "train"),
+        tasks=tasks,
+        eval=build(EvalConfig, raw.get("eval"), "eval"),
+        mlflow=build(MlflowConfig, raw.get("mlflow"), "mlflow"),
+    )
+    task_order(p.tasks)
+    return p
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_params(raw or {}, str(path))
+
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    """Everything one task trains with: shared train settings with the task's overrides applied."""
+    task: str
+    dataset: str
+    mode: str
+    direction: str
+    epochs: int
+    epochs_decay: int
+    lam: float
+
+
+def task_recipe(p: Params, task: str) -> TaskRecipe:
+    if task not in p.tasks:
+        raise ConfigError(f"tasks.{task}: no such task (known: {', '.join(p.tasks) or 'none'})")
+    t = p.tasks[task]
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    return TaskRecipe(
+        task=task, dataset=t.dataset, mode=t.mode, direction=t.direction,
+        epochs=pick(t.epochs, p.train.epochs), epochs_decay=pick(t.epochs_decay, p.train.epochs_decay),
+        lam=pick(t.lam, p.model.lam),
+    )
+
+
+def as_dict(obj: Any) -> Any:
+    """Dataclasses (nested, in dicts) to plain dicts, for JSON metadata and MLflow params."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -1,0 +1,245 @@
+"""The pipeline's summary: one row per task (quality, parameter growth, forgetting), as JSON, Markdown,
+CSV for DVC plots, PNG plots, and one MLflow "pipeline" run that links the per-task runs.
+
+The task list comes from params.yaml, never from globbing metrics/: files of removed tasks linger
+(DVC issue 5293). Every number is read from the stage outputs (metrics/, models/<last>/meta.json),
+because stages restored from DVC's run cache log nothing to MLflow themselves.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+from piggyback.config import Params
+from piggyback.fsutil import atomic_path, atomic_write_json, atomic_write_text
+
+QUALITY = ("fid", "kid", "l1", "psnr", "ssim")
+COLUMNS = (
+    "name", "dataset", "mode", "direction", "fid", "kid", "kid_std", "l1", "psnr", "ssim",
+    "new_params", "stored_params", "separate_params", "stored_vs_separate",
+    "forgetting_max_abs_diff", "forgetting_exact", "final_l1", "mlflow_run_id",
+)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _finite(v: Any) -> Optional[float]:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return v
+
+
+def _task_records(meta: dict) -> dict[str, dict]:
+    return {t["name"]: t for t in meta.get("tasks", [])}
+
+
+def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
+    """Collect one row per task from the stage outputs. Missing values are null with a reason beside."""
+    order = params.task_order()
+    if not order:
+        raise ValueError("params.yaml: `tasks` is empty; nothing to report")
+    meta_path = models_dir / order[-1] / "meta.json"
+    meta = _read_json(meta_path)
+    if meta is None:
+        raise FileNotFoundError(f"{meta_path} not found: run `dvc repro train@{order[-1]}` first")
+    records = _task_records(meta)
+    forgetting = (_read_json(metrics_dir / "forgetting.json") or {}).get("tasks", {})
+    rows = []
+    for name in order:
+        task = params.tasks[name]
+        ev = _read_json(metrics_dir / "tasks" / f"{name}.json") or {}
+        tr = _read_json(metrics_dir / "train" / f"{name}.json") or {}
+        rec = records.get(name)
+        if rec is None:
+            raise ValueError(f"{meta_path}: task {name!r} is missing from the final checkpoint")
+        fg = forgetting.get(name, {})
+        row: dict[str, Any] = {
+            "name": name, "dataset": task.dataset, "mode": task.mode, "direction": task.direction,
+        }
+        for key in QUALITY + ("kid_std",):
+            row[key] = _finite(ev.get(key))
+        for key in QUALITY:
+            if row[key] is None:
+                row[f"{key}_reason"] = ev.get(f"{key}_reason") or ev.get("fid_reason" if key in ("fid", "kid") else "gt_reason") \
+                    or ("evaluation missing" if not ev else "not reported")
+        for key in ("new_params", "stored_params", "separate_params"):
+            row[key] = rec.get(key)
+        sep = row["separate_params"]
+        row["stored_vs_separate"] = round(row["stored_params"] / sep, 4) if sep else None
+        row["forgetting_max_abs_diff"] = _finite(fg.get("max_abs_diff"))
+        row["forgetting_exact"] = fg.get("exact")
+        if row["forgetting_max_abs_diff"] is None:
+            row["forgetting_reason"] = fg.get("reason") or "audit missing"
+        row["final_l1"] = _finite(fg.get("final_l1"))
+        row["mlflow_run_id"] = rec.get("mlflow_run_id") or tr.get("mlflow_run_id")
+        rows.append(row)
+    return {
+        "method": meta.get("method", params.train.method),
+        "final_checkpoint": str(models_dir / order[-1]),
+        "netG": params.model.netG, "ngf": params.model.ngf, "lam": params.model.lam,
+        "tasks": rows,
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def to_markdown(summary: dict) -> str:
+    head = ["task", "dataset", "mode", "FID", "KID", "L1", "PSNR", "SSIM", "new params",
+            "stored params", "separate models", "stored/separate", "forgetting (max |diff|)"]
+    lines = [
+        f"# Piggyback GAN summary ({summary['method']}, {summary['netG']}, ngf {summary['ngf']}, lambda {summary['lam']})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in summary["tasks"]:
+        cells = [r["name"], r["dataset"], r["mode"], r["fid"], r["kid"], r["l1"], r["psnr"], r["ssim"],
+                 r["new_params"], r["stored_params"], r["separate_params"], r["stored_vs_separate"],
+                 r["forgetting_max_abs_diff"]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    reasons = sorted({f"{k[:-7]}: {v}" for r in summary["tasks"] for k, v in r.items() if k.endswith("_reason")})
+    if reasons:
+        lines += ["", "n/a means unavailable:"] + [f"- {r}" for r in reasons]
+    lines += ["", "L1 is the mean absolute error on [0, 1] against the true target image; PSNR in dB; "
+              "stored params count conv weights and biases of every task kept (norm parameters excluded)."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _plots(summary: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["tasks"]
+    names = [r["name"] for r in rows]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(names, [r["stored_params"] / 1e6 for r in rows], "o-", label=f"piggyback ({summary['method']})")
+    ax.plot(names, [r["separate_params"] / 1e6 for r in rows], "s--", label="separate models")
+    ax.set_xlabel("after task")
+    ax.set_ylabel("stored parameters (M)")
+    ax.set_title("Parameter growth")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "growth.png")
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+    metrics = [m for m in ("l1", "ssim", "fid") if any(r[m] is not None for r in rows)]
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(3.2 * max(len(metrics), 1), 3.2))
+    axes = axes if hasattr(axes, "__len__") else [axes]
+    for ax, m in zip(axes, metrics):
+        ax.bar(names, [r[m] if r[m] is not None else 0.0 for r in rows], color="#4c72b0")
+        ax.set_title(m.upper() + (" (lower is better)" if m in ("l1", "fid") else ""))
+    if not metrics:
+        axes[0].text(0.5, 0.5, "no quality metric available", ha="center")
+    fig.suptitle("Quality per task")
+    fig.tight_layout()
+    paths.append(out_dir / "quality.png")
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(summary: dict, metrics_dir: Path) -> list[Path]:
+    """summary.json / summary.md / growth.csv / quality.csv / growth.png / quality.png in metrics_dir."""
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(metrics_dir / "summary.json", summary)
+    atomic_write_text(metrics_dir / "summary.md", to_markdown(summary))
+    _write_csv(metrics_dir / "growth.csv", summary["tasks"], ["name", "new_params", "stored_params", "separate_params"])
+    _write_csv(metrics_dir / "quality.csv", summary["tasks"], ["name", "fid", "kid", "l1", "psnr", "ssim"])
+    return [metrics_dir / n for n in ("summary.json", "summary.md", "growth.csv", "quality.csv")] + _plots(summary, metrics_dir)
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Optional[str]:
+    """One MLflow run per `dvc repro` / `dvc exp run` that reaches the report: params, per-task metrics,
+    the table (log_table), plots, git commit and DVC experiment name as tags, links to the task runs."""
+    from piggyback import tracking
+
+    if not params.mlflow.enabled:
+        return None
+    import mlflow
+
+    exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
+    tracker = tracking.open_run(params.mlflow, rank=0, run_name=f"pipeline:{exp_name}", tags={
+        "kind": "pipeline", "method": summary["method"], "git.commit": _git_commit() or "unknown",
+        "dvc.exp_name": exp_name, "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", _git_commit() or ""),
+        "tasks": ",".join(r["name"] for r in summary["tasks"]),
+    })
+    try:
+        flat = {
+            "method": summary["method"], "model.netG": params.model.netG, "model.ngf": params.model.ngf,
+            "model.lam": params.model.lam, "model.lam_overrides": json.dumps(params.model.lam_overrides),
+            "train.epochs": params.train.epochs, "train.epochs_decay": params.train.epochs_decay,
+            "train.batch_size": params.train.batch_size, "train.lr": params.train.lr,
+            "train.nproc": params.train.nproc, "base.seed": params.base.seed,
+        }
+        flat.update({f"task.{r['name']}": f"{r['dataset']}/{r['mode']}/{r['direction']}" for r in summary["tasks"]})
+        tracker.log_params(flat)
+        metrics = {}
+        for r in summary["tasks"]:
+            for key in QUALITY + ("new_params", "stored_params", "separate_params", "forgetting_max_abs_diff", "final_l1"):
+                if _finite(r.get(key)) is not None:
+                    metrics[f"{key}/{r['name']}"] = float(r[key])
+        tracker.log_metrics(metrics)
+        table = {c: [r.get(c) for r in summary["tasks"]] for c in COLUMNS}
+        if tracker.run_id:
+            mlflow.log_table(table, artifact_file="summary_table.json", run_id=tracker.run_id)
+        for f in files:
+            tracker.log_artifact(f)
+        links = {f"task_run.{r['name']}": r["mlflow_run_id"] for r in summary["tasks"] if r["mlflow_run_id"]}
+        tracker.set_tags(links)
+        if tracker.run_id and links:
+            exp_id = mlflow.get_run(tracker.run_id).info.experiment_id
+            note = "Per-task training runs:\n\n" + "\n".join(
+                f"- {k.split('.', 1)[1]}: [#/experiments/{exp_id}/runs/{v}](#/experiments/{exp_id}/runs/{v})"
+                for k, v in links.items())
+            tracker.set_tags({"mlflow.note.content": note})
+        tracker.end("FINISHED")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    return tracker.run_id

@@ -1,0 +1,35 @@
+"""Stage `report`: the per-task summary table (quality, growth, forgetting) -> metrics/ and one MLflow run.
+
+    python -m stages.report [--params params.yaml] [--metrics metrics] [--models models]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from piggyback.config import load_params
+from piggyback.report import build_summary, log_pipeline_run, to_markdown, write_report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--metrics", default="metrics", type=Path)
+    ap.add_argument("--models", default="models", type=Path)
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params)
+    summary = build_summary(params, args.metrics, args.models)
+    files = write_report(summary, args.metrics)
+    run_id = log_pipeline_run(summary, params, files)
+    print(to_markdown(summary))
+    if run_id:
+        print(f"MLflow pipeline run: {run_id} (browse with `mlflow ui`)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"report: {e}")
