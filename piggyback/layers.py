@@ -1,0 +1,275 @@
+"""Piggyback convolutions: each task's filters = new unconstrained filters + combinations of a frozen bank.
+
+Implements one layer of Zhai et al., "Piggyback GAN: Efficient Lifelong Learning for Image Conditioned
+Generation", ECCV 2020 (arXiv 2104.11939), as written in DESIGN.md section 2.1. Unlike the public code
+(reference/piggyback.md section 2) the piggyback filters are true combinations of bank filters (bug B1)
+and every task keeps its own bias (bug B3).
+
+Paper symbols -> names here: F (filter bank) -> `filter_bank`, unconstrained filters U_t -> `new_filters`,
+piggyback weight matrix W_t -> `mix_weights`, lambda -> `lam`, m = ceil(lam * n), p = n - m.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def num_unconstrained(lam: float, n: int) -> int:
+    """m = ceil(lam * n), the number of new filters a task adds; immune to float noise (0.1 * 30 -> 3)."""
+    if not 0 < lam <= 1:
+        raise ValueError(f"lambda must be in (0, 1], got {lam!r}")
+    return math.ceil(round(lam * n, 6))
+
+
+def compose_weight(bank: Tensor, mix: Optional[Tensor], new: Tensor, transposed: bool) -> Tensor:
+    """Dense weight of one task: W = cat([U, P]) along the filter axis (DESIGN.md 2.1).
+
+    Conv2d (filters on dim 0):          P = einsum('nchw,np->pchw', bank, mix)
+    ConvTranspose2d (filters on dim 1): P = einsum('cnhw,np->cphw', bank, mix)
+    Both are computed as a single matmul on the bank seen as a matrix of filters.
+    """
+    if mix is None or mix.shape[1] == 0:      # task 1, or lam = 1: no piggyback filters
+        return new
+    if not transposed:
+        n_bank = bank.shape[0]
+        flat = bank.reshape(n_bank, -1)                        # (N, d) view: the bank is sliced on dim 0
+        pb = (mix.t() @ flat).view(mix.shape[1], *bank.shape[1:])  # (p, C_in, kh, kw)
+        return torch.cat([new, pb], 0)
+    c_in, n_bank, kh, kw = bank.shape
+    # The reshape copies the (possibly strided) bank slice into a fixed layout, so the matmul sees the
+    # same memory layout however large the bank has grown: frozen tasks stay bit-identical.
+    flat = bank.permute(0, 2, 3, 1).reshape(c_in * kh * kw, n_bank)  # (C_in*kh*kw, N)
+    pb = (flat @ mix).view(c_in, kh, kw, -1).permute(0, 3, 1, 2)     # (C_in, p, kh, kw)
+    return torch.cat([new, pb], 1)
+
+
+class _PiggybackConvNd(nn.Module):
+    """State and task bookkeeping shared by the two piggyback layers (see docs/architecture.md, Layers).
+
+    Tasks are numbered from 1. Frozen task s lives in buffers: its new filters are rows
+    [N_{s-1}, N_s) of `filter_bank`, plus `mix_<s>` (N_{s-1} x p_s, absent when p_s = 0) and `bias_<s>`.
+    The trainable task (at most one, always the last) lives in Parameters `new_filters`, `mix_weights`
+    (None for task 1 or p = 0) and `bias`; its filters join the bank only when it is frozen.
+    """
+
+    transposed = False
+    filter_dim = 0                              # Axis of the weight that indexes output filters.
+
+    def __init__(
+        self,
+        in_channels: int,                       # C_in.
+        out_channels: int,                      # n, the number of output filters.
+        kernel_size: int | tuple[int, int],     # kh, kw.
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,                      # Per-task bias (False before batch norm, as junyanz).
+        lam: float = 0.25,                      # Default unconstrained fraction for tasks >= 2.
+        output_padding: int | tuple[int, int] = 0,  # ConvTranspose2d only.
+    ):
+        super().__init__()
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
+        self.output_padding = pair(output_padding)
+        self.has_bias = bias
+        num_unconstrained(lam, out_channels)    # validates lam
+        self.lam = lam
+        self.lams: list[float] = []             # One lambda per task; task 1 is recorded as 1.0.
+        self.active_task = 0                    # Task `forward` runs (1-based; 0 = none yet).
+        self.trainable_task = 0                 # Task held in Parameters (0 = all frozen).
+        self.register_buffer("filter_bank", torch.empty(self._filter_shape(0)))
+        self.register_parameter("new_filters", None)
+        self.register_parameter("mix_weights", None)
+        self.register_parameter("bias", None)
+
+    # -- shapes and sizes --------------------------------------------------------------------------
+    def _filter_shape(self, count: int) -> tuple[int, ...]:
+        kh, kw = self.kernel_size
+        if self.transposed:
+            return (self.in_channels, count, kh, kw)
+        return (count, self.in_channels, kh, kw)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self._filter_shape(self.out_channels)
+
+    @property
+    def filter_size(self) -> int:
+        """d = C_in * kh * kw, the number of values in one filter."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.lams)
+
+    def num_new(self, t: int) -> int:
+        """m_t: filters task t adds to the bank (n for task 1)."""
+        return num_unconstrained(self.lams[t - 1], self.out_channels)
+
+    def bank_rows_before(self, t: int) -> int:
+        """N_{t-1}: bank filters task t composes from."""
+        return sum(self.num_new(s) for s in range(1, t))
+
+    # -- task operations ---------------------------------------------------------------------------
+    def add_task(self, lam: Optional[float] = None) -> None:
+        """Freeze the trainable task (if any), add a new trainable task with fresh N(0, 0.02) tensors, run it."""
+        self.freeze()
+        lam = 1.0 if self.num_tasks == 0 else float(self.lam if lam is None else lam)
+        m = num_unconstrained(lam, self.out_channels)
+        p = self.out_channels - m
+        n_bank = self.bank_rows_before(self.num_tasks + 1)
+        like = dict(device=self.filter_bank.device, dtype=self.filter_bank.dtype)
+        self.lams.append(lam)
+        self.new_filters = nn.Parameter(torch.empty(self._filter_shape(m), **like))
+        self.mix_weights = nn.Parameter(torch.empty(n_bank, p, **like)) if p > 0 else None
+        self.bias = nn.Parameter(torch.empty(self.out_channels, **like)) if self.has_bias else None
+        self.trainable_task = self.active_task = self.num_tasks
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """junyanz / public Piggyback init: filters and mixing weights ~ N(0, 0.02), bias 0."""
+        if self.new_filters is not None:
+            nn.init.normal_(self.new_filters, 0.0, 0.02)
+        if self.mix_weights is not None:
+            nn.init.normal_(self.mix_weights, 0.0, 0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Move the trainable task into buffers: its filters are appended to the bank."""
+        t = self.trainable_task
+        if not t:
+            return
+        self.filter_bank = torch.cat([self.filter_bank, self.new_filters.detach()], self.filter_dim)
+        if self.mix_weights is not None:
+            self.register_buffer(f"mix_{t}", self.mix_weights.detach().clone())
+        if self.bias is not None:
+            self.register_buffer(f"bias_{t}", self.bias.detach().clone())
+        self.new_filters = self.mix_weights = self.bias = None
+        self.trainable_task = 0
+
+    @torch.no_grad()
+    def thaw(self) -> None:
+        """Inverse of `freeze` for the last task: make it trainable again (fine-tuning baseline)."""
+        t = self.num_tasks
+        if not t or self.trainable_task:
+            return
+        start = self.bank_rows_before(t)
+        self.new_filters = nn.Parameter(self.filter_bank.narrow(self.filter_dim, start, self.num_new(t)).clone())
+        self.filter_bank = self.filter_bank.narrow(self.filter_dim, 0, start).clone()
+        for key in ("mix", "bias"):
+            name = f"{key}_{t}"
+            value = self._buffers.pop(name, None)
+            setattr(self, "mix_weights" if key == "mix" else "bias", None if value is None else nn.Parameter(value))
+        self.trainable_task = t
+
+    def set_task(self, t: int) -> None:
+        """Choose which learned task `forward` runs."""
+        if not 1 <= t <= self.num_tasks:
+            raise ValueError(f"task {t} does not exist: this layer has {self.num_tasks} task(s)")
+        self.active_task = t
+
+    # -- per-task tensors --------------------------------------------------------------------------
+    def task_state(self, t: int) -> dict[str, Tensor]:
+        """Task t's own tensors: its new filters (U_t), mixing matrix (W_t) and bias."""
+        if not 1 <= t <= self.num_tasks:
+            raise ValueError(f"task {t} does not exist: this layer has {self.num_tasks} task(s)")
+        if t == self.trainable_task:
+            out = {"filters": self.new_filters, "mix": self.mix_weights, "bias": self.bias}
+        else:
+            start = self.bank_rows_before(t)
+            out = {
+                "filters": self.filter_bank.narrow(self.filter_dim, start, self.num_new(t)),
+                "mix": self._buffers.get(f"mix_{t}"),
+                "bias": self._buffers.get(f"bias_{t}"),
+            }
+        return {k: v for k, v in out.items() if v is not None}
+
+    def task_weight_bias(self, t: int) -> tuple[Tensor, Optional[Tensor]]:
+        """Dense weight and bias of task t; the weight is composed from the first N_{t-1} bank filters."""
+        state = self.task_state(t)
+        bank = self.filter_bank.narrow(self.filter_dim, 0, self.bank_rows_before(t))
+        weight = compose_weight(bank, state.get("mix"), state["filters"], self.transposed)
+        if weight.shape != self.weight_shape:   # the one shape check where the bank is composed
+            raise RuntimeError(f"composed weight {tuple(weight.shape)} != expected {self.weight_shape}")
+        return weight, state.get("bias")
+
+    def task_weight(self, t: int) -> Tensor:
+        return self.task_weight_bias(t)[0]
+
+    def task_bias(self, t: int) -> Optional[Tensor]:
+        return self.task_state(t).get("bias")
+
+    def _active(self) -> int:
+        if not self.active_task:
+            raise RuntimeError(f"{type(self).__name__} has no task yet: call add_task() first")
+        return self.active_task
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.transposed:
+            s += f", output_padding={self.output_padding}"
+        return s + f", bias={self.has_bias}, lam={self.lam}, tasks={self.lams}, active={self.active_task}"
+
+
+class PiggybackConv2d(_PiggybackConvNd):
+    """Conv2d whose task t >= 2 weight is cat([U_t, einsum('nchw,np->pchw', F, W_t)], 0)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                 bias: bool = True, lam: float = 0.25):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.task_weight_bias(self._active())
+        return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def to_dense(self, t: int) -> nn.Conv2d:
+        """A plain nn.Conv2d holding task t's weights (for materialised inference)."""
+        conv = torch.nn.utils.skip_init(nn.Conv2d, self.in_channels, self.out_channels, self.kernel_size,
+                                        self.stride, self.padding, bias=self.has_bias,
+                                        device=self.filter_bank.device, dtype=self.filter_bank.dtype)
+        _copy_dense(conv, self, t)
+        return conv
+
+
+class PiggybackConvTranspose2d(_PiggybackConvNd):
+    """ConvTranspose2d (weight (C_in, n, kh, kw)): task t >= 2 weight is cat([U_t, einsum('cnhw,np->cphw', F, W_t)], 1)."""
+
+    transposed = True
+    filter_dim = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                 output_padding: int | tuple[int, int] = 0, bias: bool = True, lam: float = 0.25):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam, output_padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.task_weight_bias(self._active())
+        return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
+
+    def to_dense(self, t: int) -> nn.ConvTranspose2d:
+        """A plain nn.ConvTranspose2d holding task t's weights (for materialised inference)."""
+        conv = torch.nn.utils.skip_init(nn.ConvTranspose2d, self.in_channels, self.out_channels,
+                                        self.kernel_size, self.stride, self.padding, self.output_padding,
+                                        bias=self.has_bias, device=self.filter_bank.device,
+                                        dtype=self.filter_bank.dtype)
+        _copy_dense(conv, self, t)
+        return conv
+
+
+@torch.no_grad()
+def _copy_dense(conv: nn.Module, layer: _PiggybackConvNd, t: int) -> None:
+    conv.weight.copy_(layer.task_weight(t))
+    if layer.has_bias:
+        conv.bias.copy_(layer.task_bias(t))
+
+
+PIGGYBACK_LAYERS = (PiggybackConv2d, PiggybackConvTranspose2d)

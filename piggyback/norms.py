@@ -1,0 +1,132 @@
+"""Per-task batch normalisation: every task keeps its own affine parameters and running statistics.
+
+The public Piggyback code never stores norm state per task (bug B3, reference/piggyback.md 2.4), so
+earlier tasks come back with the wrong statistics. Here task s's BatchNorm state is kept in buffers
+and is never updated again, even in train mode; the trainable task behaves exactly like junyanz's
+`nn.BatchNorm2d(affine=True, track_running_stats=True)` (reference.md 1.1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class TaskBatchNorm2d(nn.Module):
+    """BatchNorm2d with one set of (weight, bias, running_mean, running_var, num_batches_tracked) per task.
+
+    The trainable task uses the plain nn.BatchNorm2d names (Parameters `weight`, `bias`; buffers
+    `running_mean`, `running_var`, `num_batches_tracked`); frozen task s uses buffers `<name>_<s>`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,                      # C, channels normalised.
+        eps: float = 1e-5,                      # nn.BatchNorm2d default.
+        momentum: float = 0.1,                  # nn.BatchNorm2d default (running-stat update rate).
+    ):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.num_tasks = 0
+        self.active_task = 0                    # Task `forward` runs (1-based; 0 = none yet).
+        self.trainable_task = 0                 # Task held in Parameters (0 = all frozen).
+        for name in _STATE:
+            (self.register_parameter if name in ("weight", "bias") else self.register_buffer)(name, None)
+
+    # -- task operations ---------------------------------------------------------------------------
+    def add_task(self, lam: float | None = None) -> None:
+        """Freeze the trainable task (if any) and add a fresh one: weight ~ N(1, 0.02), bias 0, stats reset.
+
+        `lam` is accepted (and ignored) so that every task-aware module shares one signature.
+        """
+        self.freeze()
+        device = self._device()
+        c = self.num_features
+        self.weight = nn.Parameter(torch.empty(c, device=device))
+        self.bias = nn.Parameter(torch.empty(c, device=device))
+        self.running_mean = torch.zeros(c, device=device)
+        self.running_var = torch.ones(c, device=device)
+        self.num_batches_tracked = torch.zeros((), dtype=torch.long, device=device)
+        self.num_tasks += 1
+        self.trainable_task = self.active_task = self.num_tasks
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """junyanz init for BatchNorm2d: weight ~ N(1, 0.02), bias 0."""
+        if self.weight is not None:
+            nn.init.normal_(self.weight, 1.0, 0.02)
+            nn.init.zeros_(self.bias)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Move the trainable task's affine parameters and statistics into per-task buffers."""
+        t = self.trainable_task
+        if not t:
+            return
+        for name in _STATE:
+            self.register_buffer(f"{name}_{t}", getattr(self, name).detach().clone())
+            setattr(self, name, None)
+        self.trainable_task = 0
+
+    @torch.no_grad()
+    def thaw(self) -> None:
+        """Make the last (frozen) task trainable again (fine-tuning baseline)."""
+        t = self.num_tasks
+        if not t or self.trainable_task:
+            return
+        for name in _STATE:
+            value = self._buffers.pop(f"{name}_{t}")
+            setattr(self, name, nn.Parameter(value) if name in ("weight", "bias") else value)
+        self.trainable_task = t
+
+    def set_task(self, t: int) -> None:
+        if not 1 <= t <= self.num_tasks:
+            raise ValueError(f"task {t} does not exist: this layer has {self.num_tasks} task(s)")
+        self.active_task = t
+
+    def task_state(self, t: int) -> dict[str, Tensor]:
+        """Task t's own tensors: affine parameters and running statistics."""
+        if not 1 <= t <= self.num_tasks:
+            raise ValueError(f"task {t} does not exist: this layer has {self.num_tasks} task(s)")
+        if t == self.trainable_task:
+            return {name: getattr(self, name) for name in _STATE}
+        return {name: self._buffers[f"{name}_{t}"] for name in _STATE}
+
+    def _device(self) -> torch.device:
+        for tensor in list(self._buffers.values()) + list(self._parameters.values()):
+            if tensor is not None:
+                return tensor.device
+        return torch.device("cpu")
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.active_task
+        if not t:
+            raise RuntimeError("TaskBatchNorm2d has no task yet: call add_task() first")
+        if t == self.trainable_task:
+            # Exactly nn.BatchNorm2d: batch statistics in train mode, running statistics updated.
+            if self.training:
+                self.num_batches_tracked.add_(1)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.training, self.momentum, self.eps)
+        s = self.task_state(t)
+        if self.training:
+            # A frozen task normalises with batch statistics, as BatchNorm does in train mode, but
+            # passes no running buffers, so nothing of it can change.
+            return F.batch_norm(x, None, None, s["weight"], s["bias"], True, 0.0, self.eps)
+        return F.batch_norm(x, s["running_mean"], s["running_var"], s["weight"], s["bias"], False, 0.0, self.eps)
+
+    @torch.no_grad()
+    def to_dense(self, t: int) -> nn.BatchNorm2d:
+        """A plain nn.BatchNorm2d holding task t's state (for materialised inference)."""
+        s = self.task_state(t)
+        bn = nn.BatchNorm2d(self.num_features, self.eps, self.momentum, device=s["weight"].device)
+        for name in _STATE:
+            getattr(bn, name).copy_(s[name])
+        return bn
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, tasks={self.num_tasks}, active={self.active_task}"

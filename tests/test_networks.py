@@ -1,0 +1,119 @@
+"""Generators and discriminators: junyanz layout and parameter counts (reference/reference.md 1.2-1.6)."""
+import pytest
+import torch
+from torch import nn
+
+from piggyback import GeneratorConfig, build_discriminator, build_generator, lifelong
+from piggyback.accounting import measure
+from piggyback.layers import PIGGYBACK_LAYERS
+from piggyback.networks import ResnetBlock, piggyback_layer_names
+from piggyback.norms import TaskBatchNorm2d
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _task1(cfg):
+    net = build_generator(cfg)
+    lifelong.add_task(net)
+    return net
+
+
+def _trainable(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("netG, norm, conv_params, norm_params", [
+    ("resnet_9blocks", "instance", 11_378_179, 0),
+    ("resnet_6blocks", "instance", 7_837_699, 0),
+    ("unet_256", "batch", 54_404_099, 9_856),   # 54,413,955 with BatchNorm affine (junyanz, reference.md 1.6)
+    ("unet_128", "batch", 41_821_187, 7_808),   # 41,828,995
+])
+def test_task1_parameter_counts_equal_the_reference(netG, norm, conv_params, norm_params):
+    net = _task1(GeneratorConfig(netG=netG, norm=norm, use_dropout=netG.startswith("unet")))
+    counts = measure(net)
+    assert counts["new_params"] == counts["full_params"] == conv_params
+    assert counts["norm_params_per_task"] == norm_params
+    assert _trainable(net) == conv_params + norm_params
+    assert _trainable(net) == {"resnet_9blocks": 11_378_179, "resnet_6blocks": 7_837_699,
+                               "unet_256": 54_413_955, "unet_128": 41_828_995}[netG]
+
+
+@pytest.mark.parametrize("netD, input_nc, norm, n_layers, expected", [
+    ("basic", 3, "instance", 3, 2_764_737),     # CycleGAN PatchGAN
+    ("basic", 6, "batch", 3, 2_768_705),        # pix2pix PatchGAN on cat(A, B)
+    ("n_layers", 3, "instance", 3, 2_764_737),
+])
+def test_discriminator_parameter_counts(netD, input_nc, norm, n_layers, expected):
+    D = build_discriminator(netD, input_nc, 64, n_layers, norm)
+    assert sum(p.numel() for p in D.parameters()) == expected
+    assert all(isinstance(m, nn.Conv2d) for m in D.modules() if "Conv" in type(m).__name__)
+
+
+def test_discriminator_shapes_and_init():
+    torch.manual_seed(0)
+    D = build_discriminator("basic", 3, ndf=4, norm="batch")
+    assert D(torch.randn(1, 3, 256, 256)).shape == (1, 1, 30, 30)        # 70x70 PatchGAN
+    assert build_discriminator("n_layers", 3, ndf=4, n_layers=2)(torch.randn(1, 3, 64, 64)).shape == (1, 1, 14, 14)
+    assert build_discriminator("pixel", 6, ndf=4)(torch.randn(1, 6, 9, 9)).shape == (1, 1, 9, 9)
+    D = build_discriminator("basic", 3, ndf=64, norm="batch")
+    w = D.model[2].weight
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert torch.equal(D.model[0].bias, torch.zeros(64)) and abs(D.model[3].weight.mean().item() - 1) < 0.01
+    with pytest.raises(ValueError, match="netD"):
+        build_discriminator("huge", 3)
+
+
+def test_generator_init_is_normal_002():
+    torch.manual_seed(0)
+    net = _task1(GeneratorConfig(netG="resnet_9blocks", ngf=64))
+    w = net.model[10].conv_block[1].new_filters
+    assert abs(w.std().item() - 0.02) < 2e-4 and abs(w.mean().item()) < 2e-4
+    assert torch.equal(net.model[1].bias, torch.zeros(64))
+    lifelong.add_task(net)
+    mix = net.model[10].conv_block[1].mix_weights
+    assert mix.shape == (256, 192) and abs(mix.std().item() - 0.02) < 1e-3
+
+
+def test_resnet_keeps_its_skips_and_junyanz_names():
+    """Bug B2: the public code flattened ResnetBlocks into a plain CNN. Zero conv weights -> identity block."""
+    net = _task1(GeneratorConfig(netG="resnet_6blocks", ngf=4))
+    names = piggyback_layer_names(net)
+    assert names[0] == "model.1" and names[-1] == "model.23" and "model.10.conv_block.5" in names
+    assert sum(isinstance(m, ResnetBlock) for m in net.modules()) == 6
+    block = net.model[10]
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, PIGGYBACK_LAYERS):
+                m.new_filters.zero_()
+    x = torch.randn(1, 16, 5, 5)
+    assert torch.equal(block(x), x)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 3, 16, 16)
+
+
+def test_unet_structure_bias_rule_and_dropout():
+    net = _task1(GeneratorConfig(netG="unet_128", ngf=4, norm="batch", use_dropout=True))
+    names = piggyback_layer_names(net)
+    assert len(names) == 14 and names[0] == "model.model.0" and names[-1] == "model.model.3"
+    layers = dict(net.named_modules())
+    assert [n for n in names if layers[n].has_bias] == ["model.model.3"]   # only the output conv, before Tanh
+    assert sum(isinstance(m, nn.Dropout) for m in net.modules()) == 2       # num_downs - 5 middle blocks
+    assert sum(isinstance(m, TaskBatchNorm2d) for m in net.modules()) == 11
+    assert net(torch.randn(2, 3, 128, 128)).shape == (2, 3, 128, 128)
+    inst = _task1(GeneratorConfig(netG="unet_128", ngf=4, norm="instance"))
+    assert all(m.has_bias for m in inst.modules() if isinstance(m, PIGGYBACK_LAYERS))
+
+
+def test_lambda_overrides_apply_by_alias_and_name():
+    cfg = GeneratorConfig(netG="unet_256", ngf=2, lam=0.5, lam_overrides={"last": 1.0, "model.model.0": 0.75})
+    net = build_generator(cfg)
+    layers = dict(net.named_modules())
+    assert layers["model.model.3"].lam == 1.0 and layers["model.model.0"].lam == 0.75
+    assert layers["model.model.1.model.1"].lam == 0.5
+    lams = lifelong.layer_lams(net, lam=0.25)   # a task's own lambda does not beat a per-layer override
+    assert lams["model.model.3"] == 1.0 and lams["model.model.1.model.1"] == 0.25
+    with pytest.raises(ValueError, match="lam_overrides.model.99"):
+        build_generator(GeneratorConfig(netG="resnet_6blocks", lam_overrides={"model.99": 0.5}))
+    with pytest.raises(ValueError, match="lam"):
+        GeneratorConfig(lam=0.0)
+    with pytest.raises(ValueError, match="netG"):
+        GeneratorConfig(netG="unet_512")
