@@ -1,0 +1,78 @@
+"""Model recipes (Zhu et al. 2017 CycleGAN, Isola et al. 2017 pix2pix): losses and one explicit update each.
+
+`cyclegan.train_step` / `pix2pix.train_step` follow junyanz `optimize_parameters` line by line; the
+networks they receive are the DDP wrappers (called directly, so gradients are synchronised: bug B4 of
+the public Piggyback code called `model.module`). Shared helpers live here: gradient toggles and the
+optional mixed-precision context.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+def set_requires_grad(nets: Iterable[nn.Module], flag: bool) -> None:
+    """Freeze / unfreeze whole networks (junyanz `set_requires_grad`): no D gradients in the G step."""
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+class Precision:
+    """Autocast (bf16 | fp16) on CUDA, with a GradScaler for fp16; plain float32 everywhere else.
+
+    One scaler serves both optimisers: each loss is scaled, each optimiser stepped through the scaler,
+    and `update()` is called once per iteration (the PyTorch AMP recipe for several optimisers).
+    """
+
+    def __init__(self, amp: str, device: torch.device) -> None:
+        if amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be none | bf16 | fp16, got {amp!r}")
+        if amp != "none" and device.type != "cuda":
+            warnings.warn(f"train.amp={amp!r} is ignored on {device.type}: mixed precision is CUDA-only here")
+            amp = "none"
+        self.amp, self.device = amp, device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+def recipe(mode: str):
+    """The module implementing `mode` ("cyclegan" | "pix2pix")."""
+    if mode == "cyclegan":
+        from piggyback.models import cyclegan
+
+        return cyclegan
+    if mode == "pix2pix":
+        from piggyback.models import pix2pix
+
+        return pix2pix
+    raise ValueError(f"unknown mode {mode!r}: expected cyclegan | pix2pix")

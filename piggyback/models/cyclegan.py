@@ -1,0 +1,89 @@
+"""CycleGAN losses and update (Zhu et al., ICCV 2017), as junyanz `models/cycle_gan_model.py`.
+
+Code (paper): G_A (G: A -> B), G_B (F: B -> A), D_A (D_Y: judges fake_B vs real_B), D_B (D_X: fake_A vs real_A).
+Update order: generators first (D frozen), then both discriminators on pooled fakes, D loss x 0.5.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from piggyback.config import CycleGANConfig
+from piggyback.losses import GANLoss, ImagePool
+from piggyback.models import Precision, set_requires_grad
+
+GENERATORS = ("G_A", "G_B")
+DISCRIMINATORS = ("D_A", "D_B")
+VISUALS = ("real_A", "fake_B", "rec_A", "real_B", "fake_A", "rec_B")  # sample-grid rows
+
+
+def forward(G_A: nn.Module, G_B: nn.Module, real_A: Tensor, real_B: Tensor) -> dict[str, Tensor]:
+    fake_B = G_A(real_A)
+    fake_A = G_B(real_B)
+    return {"real_A": real_A, "fake_B": fake_B, "rec_A": G_B(fake_B), "real_B": real_B, "fake_A": fake_A, "rec_B": G_A(fake_A)}
+
+
+def generator_loss(
+    x: dict[str, Tensor], G_A: nn.Module, G_B: nn.Module, D_A: nn.Module, D_B: nn.Module, gan: GANLoss, cfg: CycleGANConfig
+) -> dict[str, Tensor]:
+    """Adversarial + cycle (x lambda_A/B) + identity (x lambda_A/B x lambda_identity) losses; "G" is their sum."""
+    out = {}
+    if cfg.lambda_identity > 0:
+        # G_A should be the identity on B images, G_B on A images (needs input_nc == output_nc).
+        out["idt_A"] = F.l1_loss(G_A(x["real_B"]).float(), x["real_B"].float()) * cfg.lambda_B * cfg.lambda_identity
+        out["idt_B"] = F.l1_loss(G_B(x["real_A"]).float(), x["real_A"].float()) * cfg.lambda_A * cfg.lambda_identity
+    out["G_A"] = gan(D_A(x["fake_B"]), True)
+    out["G_B"] = gan(D_B(x["fake_A"]), True)
+    out["cycle_A"] = F.l1_loss(x["rec_A"].float(), x["real_A"].float()) * cfg.lambda_A
+    out["cycle_B"] = F.l1_loss(x["rec_B"].float(), x["real_B"].float()) * cfg.lambda_B
+    out["G"] = sum(out.values())
+    return out
+
+
+def discriminator_loss(D: nn.Module, real: Tensor, fake: Tensor, gan: GANLoss) -> dict[str, Tensor]:
+    """(GAN(D(real), real) + GAN(D(fake), fake)) x 0.5; `fake` is detached (it comes from the pool)."""
+    real_loss = gan(D(real), True)
+    fake_loss = gan(D(fake.detach()), False)
+    return {"real": real_loss, "fake": fake_loss, "D": (real_loss + fake_loss) * 0.5}
+
+
+def train_step(
+    nets: dict[str, nn.Module],
+    optimizers: dict[str, "torch.optim.Optimizer"],  # noqa: F821
+    real_A: Tensor,
+    real_B: Tensor,
+    gan: GANLoss,
+    cfg: CycleGANConfig,
+    pools: dict[str, ImagePool],
+    prec: Precision,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One iteration: returns (detached losses, detached visuals). `nets` are the DDP wrappers."""
+    G_A, G_B, D_A, D_B = (nets[k] for k in ("G_A", "G_B", "D_A", "D_B"))
+
+    # Generators: D frozen so its parameters collect no gradient from the adversarial terms.
+    with prec.autocast():
+        x = forward(G_A, G_B, real_A, real_B)
+    set_requires_grad([D_A, D_B], False)
+    optimizers["G"].zero_grad(set_to_none=True)
+    with prec.autocast():
+        g = generator_loss(x, G_A, G_B, D_A, D_B, gan, cfg)
+    prec.backward(g["G"])
+    prec.step(optimizers["G"])
+
+    # Discriminators: D_A on real_B vs pooled fake_B, D_B on real_A vs pooled fake_A.
+    set_requires_grad([D_A, D_B], True)
+    optimizers["D"].zero_grad(set_to_none=True)
+    with prec.autocast():
+        d_A = discriminator_loss(D_A, real_B, pools["fake_B"].query(x["fake_B"]), gan)
+        d_B = discriminator_loss(D_B, real_A, pools["fake_A"].query(x["fake_A"]), gan)
+    prec.backward(d_A["D"] + d_B["D"])  # == backward of each: the two Ds share no parameters
+    prec.step(optimizers["D"])
+    prec.update()
+
+    losses = {k: v.detach() for k, v in g.items()}
+    losses["D_A"], losses["D_B"] = d_A["D"].detach(), d_B["D"].detach()
+    return losses, {k: v.detach() for k, v in x.items()}
+
+
+def make_pools(cfg: CycleGANConfig, seed: int) -> dict[str, ImagePool]:
+    return {"fake_B": ImagePool(cfg.pool_size, seed), "fake_A": ImagePool(cfg.pool_size, seed + 1)}

@@ -1,0 +1,148 @@
+"""MLflow tracking behind one small wrapper that is a no-op off rank 0 (nanochat's DummyWandb idea).
+
+The store is anchored at the real repository root ($DVC_ROOT, exported by DVC to every stage, also
+under `dvc exp run --temp` and queued experiments), never MLflow's cwd-relative default, which a
+temporary experiment folder would take with it. `mlflow` is imported lazily: the library imports
+cleanly without it, and only rank 0 of a tracked stage pays for it. The client API is used instead
+of the process-global fluent API, so several trackers may coexist in one process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from piggyback.config import MlflowConfig
+
+
+def repo_root() -> Path:
+    """$DVC_ROOT when DVC runs the stage, else the current directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """cfg.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def default_tags(task: str | None = None) -> dict[str, str]:
+    """Tags linking a run to DVC: stage, experiment name, task, git commit (when there is one)."""
+    tags = {"dvc.stage": os.environ.get("DVC_STAGE", ""), "dvc.exp_name": os.environ.get("DVC_EXP_NAME") or "workspace"}
+    if task is not None:
+        tags["task"] = task
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            tags["git.commit"] = sha.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {k: v for k, v in tags.items() if v}
+
+
+class NullTracker:
+    """Same methods as `Tracker`, doing nothing: used off rank 0 and when tracking is disabled."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_image(self, image: Any, artifact_file: str) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, d: dict, artifact_file: str) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+class Tracker(NullTracker):
+    """One MLflow run, addressed by id through an `MlflowClient`."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        """`image`: uint8 HxWx3 numpy array or PIL image."""
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, d: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, d, artifact_file)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """Get or create the experiment, its artifacts under <repo root>/mlartifacts (fixed at creation)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=(repo_root() / "mlartifacts").as_uri())
+    except MlflowException:  # another process created it between our lookup and create
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def open_run(
+    cfg: MlflowConfig,
+    rank: int,
+    run_name: str,
+    tags: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    run_id: str | None = None,
+) -> NullTracker:
+    """Start a run (or reopen `run_id`, e.g. after a resume) on rank 0; a `NullTracker` elsewhere."""
+    if rank != 0 or not cfg.enabled:
+        return NullTracker()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        tracker = Tracker(client, run_id)
+    else:
+        run = client.create_run(experiment_id(client, cfg.experiment), tags=dict(tags or {}), run_name=run_name)
+        tracker = Tracker(client, run.info.run_id)
+    if params and run_id is None:  # params are immutable per run: log them once, at creation
+        tracker.log_params(params)
+    return tracker
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: params as MLflow shows and filters them."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
