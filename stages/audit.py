@@ -1,0 +1,60 @@
+"""Stage audit: the final checkpoint reproduces every task's recorded probe bit for bit -> metrics/forgetting.json.
+
+    python -m stages.audit [--params params.yaml] [--models models] [--metrics metrics] [--data data/prepared]
+
+The final checkpoint is models/<last task of params.yaml>; each task's own models/<task>/ names the altered
+layer when a task no longer reproduces. Exits non-zero, naming task and layer, on any mismatch, except for
+generators the fine-tuning baseline (train.method: finetune) re-trained by design: their drift is recorded
+and earlier tasks are scored again with the final weights (reads data.crop_size and eval.batch_size /
+eval.num_test, the prepared test splits and metrics/tasks/<task>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from piggyback.audit import audit_checkpoint
+from piggyback.checkpoint import CheckpointError
+from piggyback.config import ConfigError, load_params
+from piggyback.fsutil import atomic_write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.audit", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--models", default="models", type=Path, help="checkpoint root (tests)")
+    ap.add_argument("--metrics", default="metrics", type=Path, help="metrics root (tests)")
+    ap.add_argument("--data", default="data/prepared", type=Path, help="prepared datasets root (tests)")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        order = params.task_order()
+        if not order:
+            raise ConfigError("params.yaml: `tasks` is empty; nothing to audit")
+        final = args.models / order[-1]
+        if not (final / "meta.json").is_file():
+            sys.exit(f"audit: {final} not found: run `dvc repro train@{order[-1]}` first")
+        result = audit_checkpoint(final, args.models, args.data, params.data.crop_size, args.metrics,
+                                  params.eval.batch_size, params.eval.num_test)
+    except CheckpointError as e:
+        sys.exit(f"audit: the final checkpoint cannot be trusted: {e}")
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"audit: {e}")
+    report = result.report
+    missing = [t for t in order if t not in report["tasks"]]
+    if missing:
+        sys.exit(f"audit: {final} does not hold task(s) {missing} listed in params.yaml: "
+                 f"run `dvc repro train@{order[-1]}`")
+    out = args.metrics / "forgetting.json"
+    atomic_write_json(out, report)     # written before failing: it shows which task and layer
+    if result.failures:
+        sys.exit("audit: " + "\n       ".join(result.failures) + f"\n(details in {out})")
+    rows = [f"{n} {'exact' if t['exact'] else 'unverified' if t['exact'] is None else 'drifted'}"
+            f" (max |diff| {t['max_abs_diff'] if t['max_abs_diff'] is not None else 'n/a'})"
+            for n, t in report["tasks"].items()]
+    print(f"audit ({report['method']}): {'; '.join(rows)} -> {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
