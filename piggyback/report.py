@@ -108,7 +108,7 @@ def _fmt(v: Any) -> str:
 
 def to_markdown(summary: dict) -> str:
     head = ["task", "dataset", "mode", "FID", "KID", "L1", "PSNR", "SSIM", "new params",
-            "stored params", "separate models", "stored/separate", "forgetting (max |diff|)"]
+            "stored params", "separate models", "stored/separate", "forgetting (max abs diff)"]
     lines = [
         f"# Piggyback GAN summary ({summary['method']}, {summary['netG']}, ngf {summary['ngf']}, lambda {summary['lam']})",
         "",
@@ -181,8 +181,9 @@ def write_report(summary: dict, metrics_dir: Path) -> list[Path]:
     metrics_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(metrics_dir / "summary.json", summary)
     atomic_write_text(metrics_dir / "summary.md", to_markdown(summary))
-    _write_csv(metrics_dir / "growth.csv", summary["tasks"], ["name", "new_params", "stored_params", "separate_params"])
-    _write_csv(metrics_dir / "quality.csv", summary["tasks"], ["name", "fid", "kid", "l1", "psnr", "ssim"])
+    rows = [{"task": i, **r} for i, r in enumerate(summary["tasks"], 1)]   # x axis of the DVC plots
+    _write_csv(metrics_dir / "growth.csv", rows, ["task", "name", "new_params", "stored_params", "separate_params"])
+    _write_csv(metrics_dir / "quality.csv", rows, ["task", "name", "fid", "kid", "l1", "psnr", "ssim"])
     return [metrics_dir / n for n in ("summary.json", "summary.md", "growth.csv", "quality.csv")] + _plots(summary, metrics_dir)
 
 
