@@ -8,6 +8,7 @@ because stages restored from DVC's run cache log nothing to MLflow themselves.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -23,8 +24,10 @@ QUALITY = ("fid", "kid", "l1", "psnr", "ssim")
 COLUMNS = (
     "name", "dataset", "mode", "direction", "fid", "kid", "kid_std", "l1", "psnr", "ssim",
     "new_params", "stored_params", "separate_params", "stored_vs_separate",
-    "forgetting_max_abs_diff", "forgetting_exact", "final_l1", "mlflow_run_id",
+    "forgetting_max_abs_diff", "forgetting_exact", "final_l1", "forgetting_l1", "mlflow_run_id",
 )
+# Per-task numbers compared across methods (piggyback / separate / finetune), read back from MLflow.
+COMPARED = ("fid", "l1", "final_l1", "forgetting_l1", "stored_params", "forgetting_max_abs_diff")
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -83,15 +86,90 @@ def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
         row["forgetting_exact"] = fg.get("exact")
         if row["forgetting_max_abs_diff"] is None:
             row["forgetting_reason"] = fg.get("reason") or "audit missing"
+        # L1 of the task with the final weights: the fine-tuning baseline measures it again (the audit);
+        # for tasks the audit proved bit-exact it is the L1 right after training.
         row["final_l1"] = _finite(fg.get("final_l1"))
+        if row["final_l1"] is None and row["forgetting_exact"] is True:
+            row["final_l1"] = row["l1"]
+        row["forgetting_l1"] = (row["final_l1"] - row["l1"]) if None not in (row["final_l1"], row["l1"]) else None
         row["mlflow_run_id"] = rec.get("mlflow_run_id") or tr.get("mlflow_run_id")
         rows.append(row)
     return {
         "method": meta.get("method", params.train.method),
+        "suite": suite_signature(params),
         "final_checkpoint": str(models_dir / order[-1]),
         "netG": params.model.netG, "ngf": params.model.ngf, "lam": params.model.lam,
         "tasks": rows,
     }
+
+
+def suite_signature(params: Params) -> str:
+    """What must be equal for two pipeline runs to be compared as methods: everything but train.method."""
+    from piggyback.config import as_dict, task_recipe
+
+    train = {k: v for k, v in as_dict(params.train).items() if k not in ("method", "nproc")}
+    body = {"base": as_dict(params.base), "data": as_dict(params.data), "model": as_dict(params.model),
+            "train": train, "datasets": as_dict(params.datasets),
+            "tasks": [as_dict(task_recipe(params, t)) for t in params.task_order()]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def compare_methods(summary: dict, params: Params) -> dict:
+    """This run's method beside the newest finished pipeline run of every other method on the same suite.
+
+    Other methods come from the MLflow store (``dvc exp run -S train.method=separate`` logged them):
+    ``{"methods": [...], "runs": {method: run_id}, "tasks": [{"name", <method>: {fid, l1, final_l1, ...}}]}``.
+    """
+    own = summary["method"]
+    per_method: dict[str, dict[str, dict]] = {own: {r["name"]: {k: r.get(k) for k in COMPARED} for r in summary["tasks"]}}
+    runs: dict[str, Optional[str]] = {own: None}
+    if params.mlflow.enabled:
+        for method, run in _latest_pipeline_runs(params, summary["suite"]).items():
+            if method == own:
+                continue
+            runs[method] = run.info.run_id
+            per_method[method] = {r["name"]: {k: _metric(run, k, r["name"]) for k in COMPARED} for r in summary["tasks"]}
+    methods = [m for m in ("piggyback", "separate", "finetune") if m in per_method]
+    methods += sorted(set(per_method) - set(methods))
+    return {"methods": methods, "runs": runs,
+            "tasks": [{"name": r["name"], **{m: per_method[m][r["name"]] for m in methods}} for r in summary["tasks"]]}
+
+
+def _metric(run: Any, key: str, task: str) -> Optional[float]:
+    v = _finite(run.data.metrics.get(f"{key}/{task}"))
+    return int(v) if v is not None and key.endswith("_params") else v   # MLflow stores counts as floats
+
+
+def _latest_pipeline_runs(params: Params, suite: str) -> dict[str, Any]:
+    """method -> newest FINISHED MLflow pipeline run with this suite signature."""
+    import mlflow
+
+    from piggyback import tracking
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(params.mlflow))
+    exp = client.get_experiment_by_name(params.mlflow.experiment)
+    if exp is None:
+        return {}
+    found: dict[str, Any] = {}
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=200,
+                                  filter_string=f"tags.kind = 'pipeline' and tags.suite = '{suite}' "
+                                                "and attributes.status = 'FINISHED'"):
+        found.setdefault(run.data.tags.get("method", "?"), run)
+    return found
+
+
+def comparison_markdown(comparison: dict) -> str:
+    head = ["task", "method", "FID", "L1 after training", "L1 at the end", "forgetting (L1 change)", "stored params"]
+    lines = ["## Methods side by side", "",
+             "The same suite trained with each method (newest run of each in MLflow; run another with "
+             "`dvc exp run -S train.method=separate` or `finetune`).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in comparison["tasks"]:
+        for m in comparison["methods"]:
+            v = t[m]
+            lines.append("| " + " | ".join([t["name"], m] + [_fmt(v[k]) for k in
+                         ("fid", "l1", "final_l1", "forgetting_l1", "stored_params")]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(v: Any) -> str:
@@ -125,6 +203,8 @@ def to_markdown(summary: dict) -> str:
         lines += ["", "n/a means unavailable:"] + [f"- {r}" for r in reasons]
     lines += ["", "L1 is the mean absolute error on [0, 1] against the true target image; PSNR in dB; "
               "stored params count conv weights and biases of every task kept (norm parameters excluded)."]
+    if len(summary.get("comparison", {}).get("methods", [])) > 1:
+        lines += ["", comparison_markdown(summary["comparison"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -173,7 +253,34 @@ def _plots(summary: dict, out_dir: Path) -> list[Path]:
     with atomic_path(paths[-1]) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+    if "comparison" in summary:
+        paths.append(_comparison_plot(plt, summary["comparison"], out_dir / "comparison.png"))
     return paths
+
+
+def _comparison_plot(plt, comparison: dict, path: Path) -> Path:
+    """Stored parameters after each task, and L1 after training vs at the end, one colour per method."""
+    names, methods = [t["name"] for t in comparison["tasks"]], comparison["methods"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        stored = [t[m]["stored_params"] for t in comparison["tasks"]]
+        ax1.plot(names, [v / 1e6 if v is not None else float("nan") for v in stored], "o-", label=m)
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(names))]
+        after = [t[m]["l1"] if t[m]["l1"] is not None else 0.0 for t in comparison["tasks"]]
+        end = [t[m]["final_l1"] if t[m]["final_l1"] is not None else 0.0 for t in comparison["tasks"]]
+        ax2.bar(xs, end, width, label=f"{m} (end)", alpha=0.85)
+        ax2.scatter(xs, after, marker="_", s=200, color="black", zorder=3)
+    ax1.set(title="Stored parameters after each task", xlabel="after task", ylabel="M")
+    ax2.set(title="L1 at the end (bars) vs after training (ticks)", xticks=range(len(names)), xticklabels=names,
+            ylabel="L1 (lower is better)")
+    ax1.legend()
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_report(summary: dict, metrics_dir: Path) -> list[Path]:
@@ -202,11 +309,9 @@ def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Option
 
     if not params.mlflow.enabled:
         return None
-    import mlflow
-
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
     tracker = tracking.open_run(params.mlflow, rank=0, run_name=f"pipeline:{exp_name}", tags={
-        "kind": "pipeline", "method": summary["method"], "git.commit": _git_commit() or "unknown",
+        "kind": "pipeline", "method": summary["method"], "suite": summary["suite"], "git.commit": _git_commit() or "unknown",
         "dvc.exp_name": exp_name, "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", _git_commit() or ""),
         "tasks": ",".join(r["name"] for r in summary["tasks"]),
     })
@@ -222,19 +327,18 @@ def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Option
         tracker.log_params(flat)
         metrics = {}
         for r in summary["tasks"]:
-            for key in QUALITY + ("new_params", "stored_params", "separate_params", "forgetting_max_abs_diff", "final_l1"):
+            for key in QUALITY + ("new_params", "stored_params", "separate_params", "forgetting_max_abs_diff", "final_l1", "forgetting_l1"):
                 if _finite(r.get(key)) is not None:
                     metrics[f"{key}/{r['name']}"] = float(r[key])
         tracker.log_metrics(metrics)
         table = {c: [r.get(c) for r in summary["tasks"]] for c in COLUMNS}
-        if tracker.run_id:
-            mlflow.log_table(table, artifact_file="summary_table.json", run_id=tracker.run_id)
+        tracker.log_table(table, artifact_file="summary_table.json")
         for f in files:
             tracker.log_artifact(f)
         links = {f"task_run.{r['name']}": r["mlflow_run_id"] for r in summary["tasks"] if r["mlflow_run_id"]}
         tracker.set_tags(links)
         if tracker.run_id and links:
-            exp_id = mlflow.get_run(tracker.run_id).info.experiment_id
+            exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
             note = "Per-task training runs:\n\n" + "\n".join(
                 f"- {k.split('.', 1)[1]}: [#/experiments/{exp_id}/runs/{v}](#/experiments/{exp_id}/runs/{v})"
                 for k, v in links.items())

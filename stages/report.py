@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from piggyback.config import load_params
-from piggyback.report import build_summary, log_pipeline_run, to_markdown, write_report
+from piggyback.report import build_summary, compare_methods, log_pipeline_run, to_markdown, write_report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     summary = build_summary(params, args.metrics, args.models)
+    summary["comparison"] = compare_methods(summary, params)   # other methods' newest runs on this suite
     files = write_report(summary, args.metrics)
     run_id = log_pipeline_run(summary, params, files)
     print(to_markdown(summary))
