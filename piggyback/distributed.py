@@ -103,6 +103,24 @@ def cleanup(wait: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def average_running_stats(nets) -> None:
+    """Average the trainable task's BatchNorm running statistics over the ranks, in place.
+
+    DDP runs with ``broadcast_buffers=False`` (the frozen bank is buffers: broadcasting it every forward
+    would cost a copy of every earlier task), so each rank's running mean / variance saw only its shard;
+    their average is what the checkpoint keeps. Frozen tasks' statistics (``running_mean_<s>``) are equal
+    on every rank and untouched.
+    """
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for net in nets:
+        for name, buf in net.named_buffers():
+            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var") and buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf.div_(world)
+
+
 def check_replicas_agree(nets: dict, what: str = "parameters") -> bool:
     """Raise if any rank's parameters differ from rank 0's (stylegan's check_ddp_consistency).
 

@@ -120,7 +120,11 @@ def train_task(
     # Wrap in DDP: one wrapper per network, always called through the wrapper in train_step.
     if D.is_distributed():
         ids = [local_rank] if device.type == "cuda" else None
-        ddp = {k: DistributedDataParallel(n, device_ids=ids, broadcast_buffers=False) for k, n in nets.items()}
+        with warnings.catch_warnings():   # torch 2.14 deprecates the name; its replacement still syncs at init
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+            # Buffers are not broadcast: the frozen bank is buffers, and copying it every forward would cost
+            # a whole model per earlier task. BatchNorm statistics are averaged over ranks at the end instead.
+            ddp = {k: DistributedDataParallel(n, device_ids=ids, broadcast_buffers=False) for k, n in nets.items()}
     else:
         ddp = dict(nets)
 
@@ -227,6 +231,7 @@ def train_task(
     bar.close()
 
     # Probe: replicas must agree; freeze the task; record fixed inputs and the frozen network's outputs.
+    D.average_running_stats(G.values())                  # the current task's BatchNorm statistics, all shards
     replicas_agree = D.check_replicas_agree({**G, **Ds})   # raises when they differ
     summary = {
         "task": task, "mode": recipe.mode, "dataset": recipe.dataset, "direction": recipe.direction,

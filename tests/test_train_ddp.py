@@ -80,3 +80,33 @@ def test_replica_check_detects_unsynchronised_gradients(tmp_path):
     """))
     out = run_cmd([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)], tmp_path)
     assert "CAUGHT: DDP replicas disagree on net parameters" in out.stdout
+
+
+_AVERAGE = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from torch import nn
+    from piggyback import distributed as D
+    from piggyback.norms import TaskBatchNorm2d
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    net = nn.Sequential(TaskBatchNorm2d(3))
+    net[0].add_task(); net[0].add_task()                    # task 1 frozen, task 2 trainable
+    frozen = {n: b.clone() for n, b in net.named_buffers() if n.endswith("_1")}
+    with torch.no_grad():
+        net[0].running_mean.fill_(float(rank + 1)); net[0].running_var.fill_(float(10 * (rank + 1)))
+    D.average_running_stats([net])
+    ok = torch.equal(net[0].running_mean, torch.full((3,), 1.5)) and torch.equal(net[0].running_var, torch.full((3,), 15.0))
+    ok = ok and all(torch.equal(b, frozen[n]) for n, b in net.named_buffers() if n in frozen) and len(frozen) >= 2
+    print("OK" if ok else f"BAD {dict(net.named_buffers())}")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
+    """The trainable task's running stats become the mean over ranks; frozen tasks' stay as they were."""
+    script = tmp_path / "average.py"
+    script.write_text(_AVERAGE)
+    out = run_cmd([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)], tmp_path)
+    assert out.stdout.count("OK") == 2, out.stdout + out.stderr
