@@ -66,11 +66,26 @@ def _import_reference(args: argparse.Namespace) -> int:
         sources, netG=args.netG, ngf=args.ngf, norm=args.norm, use_dropout=args.dropout,
         input_nc=args.input_nc, output_nc=args.output_nc, lam=args.lam, lam_overrides=_lam_overrides(args),
         method=args.method, name=args.task_name, dataset=args.dataset, direction=args.direction)
-    out = save_lifelong(model, args.out)
+    out = save_lifelong(model, args.out, probes={model.tasks[0]["name"]: _probes(model)})
     record = model.tasks[0]
     print(f"{out}: task 1 {record['name']!r} ({record['mode']}, {', '.join(record['index'])}) imported from "
           f"{', '.join(str(s) for s in sources.values())}; {record['stored_params']:,} parameters")
     return 0
+
+
+def _probes(model) -> dict:
+    """Forgetting probes for an imported task: two seeded random images per generator (no test set here)."""
+    import torch
+
+    from .evaluation import input_multiple
+    from .probes import record_probes
+
+    side = max(64, input_multiple(model.config.netG)[1])
+    gen = torch.Generator().manual_seed(0)
+    record = model.tasks[0]
+    inputs = {which: torch.rand(2, model.config.input_nc if which == "G_A" else model.config.output_nc, side, side,
+                                generator=gen) * 2 - 1 for which in record["index"]}
+    return record_probes(model, record["name"], inputs)
 
 
 def _translate(args: argparse.Namespace) -> int:

@@ -64,6 +64,8 @@ class ModelConfig:
     n_layers_D: int = 3                # PatchGAN depth when netD=n_layers.
     input_nc: int = 3
     output_nc: int = 3
+    init_from: Optional[str] = None    # A lifelong checkpoint under pretrained/ (`piggyback import-reference`):
+                                       # the chain starts from its tasks instead of an empty model.
 
 
 @dataclass(frozen=True)

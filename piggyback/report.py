@@ -49,6 +49,14 @@ def _task_records(meta: dict) -> dict[str, dict]:
     return {t["name"]: t for t in meta.get("tasks", [])}
 
 
+class _Imported:
+    """A task that came with model.init_from: its dataset, mode and direction as its record says."""
+
+    def __init__(self, record: dict):
+        self.dataset = record.get("dataset") or "pretrained"
+        self.mode, self.direction = record.get("mode"), record.get("direction", "AtoB")
+
+
 def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
     """Collect one row per task from the stage outputs. Missing values are null with a reason beside."""
     order = params.task_order()
@@ -61,9 +69,13 @@ def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
     records = _task_records(meta)
     forgetting = (_read_json(metrics_dir / "forgetting.json") or {}).get("tasks", {})
     rows = []
-    for name in order:
-        task = params.tasks[name]
+    imported = [r["name"] for r in meta.get("tasks", []) if r["name"] not in params.tasks]  # model.init_from
+    for name in imported + order:
+        task = params.tasks.get(name) or _Imported(records[name])
         ev = _read_json(metrics_dir / "tasks" / f"{name}.json") or {}
+        if name in imported:
+            ev = {"fid_reason": "imported by model.init_from: not trained or evaluated by this pipeline",
+                  "gt_reason": "imported by model.init_from: not trained or evaluated by this pipeline"}
         tr = _read_json(metrics_dir / "train" / f"{name}.json") or {}
         rec = records.get(name)
         if rec is None:
@@ -71,6 +83,7 @@ def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
         fg = forgetting.get(name, {})
         row: dict[str, Any] = {
             "name": name, "dataset": task.dataset, "mode": task.mode, "direction": task.direction,
+            "imported": name in imported,
         }
         for key in QUALITY + ("kid_std",):
             row[key] = _finite(ev.get(key))
