@@ -21,6 +21,7 @@ import torch
 from .fsutil import atomic_directory, atomic_write_json, sha256_file
 from .lifelong import LifelongModel, task_hash
 from .networks import GeneratorConfig
+from .snapshot import to_cpu
 
 FORMAT_VERSION = 1
 META, GENERATORS, PROBES = "meta.json", "generators.pt", "probes.pt"
@@ -51,7 +52,7 @@ def save_lifelong(model: LifelongModel, out_dir: str | Path, probes: Optional[di
     with atomic_directory(out_dir) as tmp:
         torch.save(state, tmp / GENERATORS)
         if probes is not None:
-            torch.save(_to_cpu(probes), tmp / PROBES)
+            torch.save(to_cpu(probes), tmp / PROBES)
         meta["files"] = {name: sha256_file(tmp / name) for name in (GENERATORS, PROBES) if (tmp / name).exists()}
         meta["meta_sha256"] = meta_digest(meta)
         atomic_write_json(tmp / META, meta)
@@ -155,11 +156,3 @@ def check_compatible(model: LifelongModel, model_cfg: Any, method: Optional[str]
         raise CheckpointError(f"train.method: the checkpoint was built with {model.method!r}, params ask for {method!r}")
 
 
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu")
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj

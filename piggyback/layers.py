@@ -25,6 +25,12 @@ def num_unconstrained(lam: float, n: int) -> int:
     return math.ceil(round(lam * n, 6))
 
 
+def check_task(t: int, num_tasks: int) -> None:
+    """Task numbers are 1-based; ValueError naming the task otherwise (layers and per-task norms)."""
+    if not 1 <= t <= num_tasks:
+        raise ValueError(f"task {t} does not exist: this layer has {num_tasks} task(s)")
+
+
 def compose_weight(bank: Tensor, mix: Optional[Tensor], new: Tensor, transposed: bool) -> Tensor:
     """Dense weight of one task: W = cat([U, P]) along the filter axis (DESIGN.md 2.1).
 
@@ -171,15 +177,13 @@ class _PiggybackConvNd(nn.Module):
 
     def set_task(self, t: int) -> None:
         """Choose which learned task `forward` runs."""
-        if not 1 <= t <= self.num_tasks:
-            raise ValueError(f"task {t} does not exist: this layer has {self.num_tasks} task(s)")
+        check_task(t, self.num_tasks)
         self.active_task = t
 
     # -- per-task tensors --------------------------------------------------------------------------
     def task_state(self, t: int) -> dict[str, Tensor]:
         """Task t's own tensors: its new filters (U_t), mixing matrix (W_t) and bias."""
-        if not 1 <= t <= self.num_tasks:
-            raise ValueError(f"task {t} does not exist: this layer has {self.num_tasks} task(s)")
+        check_task(t, self.num_tasks)
         if t == self.trainable_task:
             out = {"filters": self.new_filters, "mix": self.mix_weights, "bias": self.bias}
         else:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import check_task
+
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -83,14 +85,12 @@ class TaskBatchNorm2d(nn.Module):
         self.trainable_task = t
 
     def set_task(self, t: int) -> None:
-        if not 1 <= t <= self.num_tasks:
-            raise ValueError(f"task {t} does not exist: this layer has {self.num_tasks} task(s)")
+        check_task(t, self.num_tasks)
         self.active_task = t
 
     def task_state(self, t: int) -> dict[str, Tensor]:
         """Task t's own tensors: affine parameters and running statistics."""
-        if not 1 <= t <= self.num_tasks:
-            raise ValueError(f"task {t} does not exist: this layer has {self.num_tasks} task(s)")
+        check_task(t, self.num_tasks)
         if t == self.trainable_task:
             return {name: getattr(self, name) for name in _STATE}
         return {name: self._buffers[f"{name}_{t}"] for name in _STATE}

@@ -307,6 +307,42 @@ def write_report(summary: dict, metrics_dir: Path) -> list[Path]:
     return [metrics_dir / n for n in ("summary.json", "summary.md", "growth.csv", "quality.csv")] + _plots(summary, metrics_dir)
 
 
+def sample_sheet(summary: dict, translated_dir: Path, out: Path) -> Path:
+    """One picture of every task's sample grid (input / translation / truth rows), labelled, -> `out`.
+
+    Reads ``<translated_dir>/<task>/grid.png`` as the evaluate stage writes it; tasks without one are
+    skipped (with none at all, the picture says so).
+    """
+    from PIL import Image, ImageDraw
+
+    grids = []
+    for r in summary["tasks"]:
+        path = translated_dir / r["name"] / "grid.png"
+        if path.is_file():
+            with Image.open(path) as im:
+                grids.append((r, im.convert("RGB")))
+    if not grids:
+        blank = Image.new("RGB", (420, 30), "white")
+        ImageDraw.Draw(blank).text((6, 8), f"no sample grids in {translated_dir}", fill="black")
+        with atomic_path(out) as tmp:
+            blank.save(tmp, format="PNG")
+        return out
+    label_w, pad = 112, 6
+    width = label_w + max(g.width for _, g in grids)
+    sheet = Image.new("RGB", (width, sum(g.height + pad for _, g in grids) + pad), "white")
+    draw, y = ImageDraw.Draw(sheet), pad
+    for r, g in grids:
+        sheet.paste(g, (label_w, y))
+        lines = [r["name"], f"{r['dataset']}", f"{r['mode']} {r['direction']}",
+                 f"L1 {_fmt(r.get('l1'))}", "rows: input,", "output, truth"]
+        for i, text in enumerate(lines):
+            draw.text((6, y + 4 + 14 * i), text, fill="black")
+        y += g.height + pad
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
+    return out
+
+
 def _git_commit() -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

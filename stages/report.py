@@ -1,6 +1,9 @@
 """Stage `report`: the per-task summary table (quality, growth, forgetting) -> metrics/ and one MLflow run.
 
-    python -m stages.report [--params params.yaml] [--metrics metrics] [--models models]
+    python -m stages.report [--params params.yaml] [--metrics metrics] [--models models] [--translated DIR]
+
+Writes metrics/summary.{json,md}, growth/quality CSVs (DVC plots) and PNGs, comparison.png (methods side
+by side) and samples.png (every task's sample grid), and logs one MLflow pipeline run with all of them.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import sys
 from pathlib import Path
 
 from piggyback.config import load_params
-from piggyback.report import build_summary, compare_methods, log_pipeline_run, to_markdown, write_report
+from piggyback.report import build_summary, compare_methods, log_pipeline_run, sample_sheet, to_markdown, write_report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,12 +20,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", default="metrics", type=Path)
     ap.add_argument("--models", default="models", type=Path)
+    ap.add_argument("--translated", default="data/translated", type=Path, help="evaluate's outputs (tests)")
     args = ap.parse_args(argv)
 
     params = load_params(args.params)
     summary = build_summary(params, args.metrics, args.models)
     summary["comparison"] = compare_methods(summary, params)   # other methods' newest runs on this suite
     files = write_report(summary, args.metrics)
+    files.append(sample_sheet(summary, args.translated, args.metrics / "samples.png"))
     run_id = log_pipeline_run(summary, params, files)
     print(to_markdown(summary))
     if run_id:

@@ -106,7 +106,7 @@ def test_summary_table(repo, first_repro):
     assert stored[0] < stored[1] < stored[2] < summary["tasks"][-1]["separate_params"] * 3
     rows = [line for line in (repo / "metrics/summary.md").read_text().splitlines() if re.match(r"\| t\d+ \|", line)]
     assert len(rows) == 3 and all(line.count("|") == 14 for line in rows)
-    for png in ("growth.png", "quality.png"):
+    for png in ("growth.png", "quality.png", "samples.png", "comparison.png"):
         assert (repo / "metrics" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -133,17 +133,31 @@ def test_second_repro_runs_nothing(repo, first_repro):
     assert _ran(_run(["dvc", "repro"], repo)) == set()
 
 
-def test_changing_one_task_reruns_it_and_its_successors(repo, first_repro):
-    _edit_params(repo, lambda raw: raw["tasks"]["t2"].update(epochs=2))
-    ran = _ran(_run(["dvc", "repro"], repo))
+def test_exp_run_changing_one_task_reruns_it_and_its_successors(repo, first_repro):
+    ran = _ran(_run(["dvc", "exp", "run", "-n", "t2-longer", "-S", "tasks.t2.epochs=2"], repo))
     assert ran == {"train@t2", "train@t3", "evaluate@t2", "evaluate@t3", "audit", "report"}
+    assert json.loads((repo / "metrics/train/t2.json").read_text())["epochs"] == 3   # 2 + 1 decay
 
 
-def test_adding_a_task_runs_only_its_stages(repo, first_repro):
-    def add(raw):
-        raw["tasks"]["t4"] = {"dataset": "emb_a", "prev": "t3", "mode": "cyclegan"}
-    _edit_params(repo, add)
-    ran = _ran(_run(["dvc", "repro"], repo))
+def test_exp_run_adding_a_task_runs_only_its_stages(repo, first_repro):
+    ran = _ran(_run(["dvc", "exp", "run", "-n", "four-tasks", "-S",
+                     "+tasks.t4={dataset:emb_a,prev:t3,mode:cyclegan}"], repo))
     assert ran == {"train@t4", "evaluate@t4", "audit", "report"}
     summary = json.loads((repo / "metrics/summary.json").read_text())
     assert [r["name"] for r in summary["tasks"]] == ["t1", "t2", "t3", "t4"]
+    assert summary["tasks"][3]["forgetting_exact"] is True
+
+    # `dvc exp show` lists both experiments with per-task metrics.
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=_env(repo), capture_output=True,
+                           text=True, check=True, timeout=300).stdout
+    text = json.dumps(json.loads(shown))
+    for name in ("t2-longer", "four-tasks", "metrics/tasks/t4.json", "metrics/summary.json"):
+        assert name in text, name
+
+    # Each experiment logged its own pipeline run, tagged with the experiment's name.
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("piggyback-gan").experiment_id],
+                              filter_string="tags.kind = 'pipeline'")
+    assert {"four-tasks", "t2-longer"} <= {r.data.tags.get("dvc.exp_name") for r in runs}
