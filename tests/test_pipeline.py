@@ -74,8 +74,8 @@ def repo(tmp_path_factory) -> Path:
         raw["datasets"] = {k: dict(v, kind=kinds[i % len(kinds)]) for i, (k, v) in enumerate(TINY["datasets"].items())}
         for sec in ("data", "model", "train", "eval"):
             raw[sec].update(TINY[sec])
-        modes = [t["mode"] for t in raw["tasks"].values()]
-        raw["tasks"] = {f"t{i + 1}": {"dataset": k, "prev": "init" if i == 0 else f"t{i}", "mode": modes[i]}
+        given = list(raw["tasks"].values())   # keeps the spelled-out per-task keys (-S tasks.t2.epochs=2)
+        raw["tasks"] = {f"t{i + 1}": dict(given[i], dataset=k, prev="init" if i == 0 else f"t{i}")
                         for i, k in enumerate(TINY["datasets"])}
     _edit_params(dst, tiny)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
