@@ -1,0 +1,214 @@
+"""Shared machinery: device setup, interleaved timing, environment record, atomic JSON output."""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- device --------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be auto | cpu | cuda, got {name!r}")
+    return torch.device(name)
+
+
+def configure_backend(device: torch.device, threads: int | None = None) -> dict:
+    """The fastest generic settings for plain PyTorch on `device`, applied to every candidate alike.
+
+    CPU: one intra-op thread per available core (oneDNN convolutions are on by default), or `threads`.
+    CUDA: cuDNN autotuning, TF32 matmuls for the float32 parts; bf16 autocast and channels_last are
+    applied per case.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads or cores)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return {"threads": torch.get_num_threads(), "cores": cores}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; float32 on CPU (bf16 convolutions are slower than float32 on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -- timing --------------------------------------------------------------------------------------
+def interleave(candidates: Mapping[str, Callable[[], object]], warmup: int, repeats: int,
+               device: torch.device, label: str = "", verbose: bool = True,
+               track_cuda_memory: bool = False) -> dict:
+    """Time each candidate `repeats` times, round-robin, after `warmup` untimed rounds.
+
+    Rounds alternate the order (A B C, C B A, ...) so slow drifts of the machine fall on every
+    candidate alike. Returns per candidate: median_s, min_s, mean_s, samples_s, repeats (and on CUDA
+    with `track_cuda_memory`, the max memory allocated during its calls, in MiB).
+    """
+    names = list(candidates)
+    cuda_peak = {n: 0 for n in names}
+
+    def call(name: str) -> float:
+        if track_cuda_memory:
+            torch.cuda.reset_peak_memory_stats(device)
+        synchronize(device)
+        start = time.perf_counter()
+        candidates[name]()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        if track_cuda_memory:
+            cuda_peak[name] = max(cuda_peak[name], torch.cuda.max_memory_allocated(device))
+        return elapsed
+
+    for _ in range(warmup):
+        for name in names:
+            call(name)
+    samples = {n: [] for n in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            samples[name].append(call(name))
+        if verbose:
+            now = "  ".join(f"{n} {samples[n][-1] * 1e3:.0f} ms" for n in names)
+            print(f"    {label} round {r + 1}/{repeats}: {now}", flush=True)
+    out = {}
+    for name in names:
+        s = samples[name]
+        out[name] = {"median_s": statistics.median(s), "min_s": min(s), "mean_s": statistics.fmean(s),
+                     "samples_s": s, "repeats": len(s), "warmup": warmup}
+        if track_cuda_memory:
+            out[name]["cuda_max_allocated_mib"] = cuda_peak[name] / 2**20
+    return out
+
+
+def ratios(timings: Mapping[str, dict], baseline: str) -> dict:
+    """Per candidate: median / baseline median, and the median of the round-by-round ratios."""
+    base = timings[baseline]
+    out = {}
+    for name, t in timings.items():
+        if name == baseline:
+            continue
+        paired = [a / b for a, b in zip(t["samples_s"], base["samples_s"])]
+        out[name] = {"ratio": t["median_s"] / base["median_s"], "paired_ratio": statistics.median(paired)}
+    return out
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+# -- environment ---------------------------------------------------------------------------------
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment(device: torch.device, backend: dict) -> dict:
+    import numpy
+    import scipy
+
+    env = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_name": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": backend["threads"],
+        "interop_threads": torch.get_num_interop_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average_start": load_average(),
+    }
+    try:
+        import pytorch_fid
+
+        env["pytorch_fid"] = getattr(pytorch_fid, "__version__", "unknown")
+    except ImportError:
+        env["pytorch_fid"] = None
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+# -- output --------------------------------------------------------------------------------------
+def _finite(obj):
+    """JSON cannot hold NaN/inf: replace them by None (and say so by the value's absence)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a temporary sibling, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fmt_table(head: list[str], rows: Iterable[list[str]]) -> str:
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Peak memory of one candidate, measured alone in a fresh process (``python -m benchmarks._case SPEC``).
+
+Linux keeps a process's peak resident set (VmHWM); writing "5" to /proc/self/clear_refs resets it, so the
+child builds its network, resets the mark, runs the work, and reports the peak of the work itself beside
+the resident size before it. Where the reset is not available the peak is ru_maxrss (a lifetime peak,
+flagged with ``hwm_reset: false``). On CUDA the child reports torch.cuda.max_memory_allocated as well.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from .core import ROOT
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def rss_mib() -> float | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def reset_peak() -> bool:
+    """Reset the peak-RSS mark of this process (Linux >= 4.0); False when not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mib() -> float:
+    kib = _status_kib("VmHWM")
+    if kib is None:   # ru_maxrss is KiB on Linux, bytes on macOS
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return kib / 1024
+
+
+def measure_in_subprocess(spec: dict, timeout: float = 1800, env: dict | None = None) -> dict:
+    """Run one case in a fresh interpreter (environment `env`, default ours); its JSON report or {"error"}."""
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    try:
+        out = subprocess.run([sys.executable, "-m", "benchmarks._case", json.dumps(spec)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": f"exit {out.returncode}: {(out.stderr or out.stdout)[-800:]}"}
+    return json.loads(lines[-1])

@@ -1,0 +1,51 @@
+"""Plumbing of `python -m benchmarks` on a tiny configuration (32x32, ngf 8, 2 rounds, no dvc, stub FID net).
+
+Speeds are not asserted: only that every section runs and the results file has the keys and numbers
+users read (finite, positive ratios and timings; memory and environment recorded).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from benchmarks.runner import preset, run
+
+REQUIRED = ("train_overhead_task3", "infer_overhead", "frechet_speedup", "frechet_rel_diff", "feature_speedup")
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_tiny_benchmark_writes_complete_results(tmp_path, capsys):
+    out = tmp_path / "results" / "latest.json"
+    run(preset("tiny"), torch.device("cpu"), out=out, workdir=tmp_path / "work")
+    data = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+
+    assert data["errors"] == {}
+    for key in REQUIRED:
+        assert key in data and key in printed
+        assert _positive(data[key]) or (key == "frechet_rel_diff" and data[key] == 0), (key, data[key])
+    assert data["frechet_rel_diff"] < 1e-6          # same value as pytorch-fid, even at 64-d
+    assert data["train_overhead_task3_case"] == "resnet_9blocks@32"
+
+    train = data["train"]["resnet_9blocks@32"]
+    for name in ("plain", "task1", "task3"):
+        t = train["timings"][name]
+        assert len(t["samples_s"]) == t["repeats"] == 2 and all(_positive(s) for s in t["samples_s"])
+        assert _positive(t["median_s"])
+    assert train["trainable_params"]["task3"] < train["trainable_params"]["plain"]
+    recipe = data["train_recipe"]["resnet_9blocks@32"]
+    assert recipe["info"]["task3"]["recipe"] == "cyclegan" and _positive(recipe["ratios"]["task3"]["ratio"])
+    infer = data["infer"]["resnet_9blocks@32"]
+    assert infer["max_abs_diff_vs_plain"] < 1e-5 and _positive(infer["ratios"]["materialized"]["ratio"])
+
+    for name in ("train/resnet_9blocks@32/task3", "infer/resnet_9blocks@32/materialized"):
+        assert _positive(data["memory"][name]["peak_rss_mib"])
+    env = data["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["date_utc"]
+    assert set(data["growth"]) == {f"{n}/lam={lam}" for n in ("resnet_9blocks", "unet_256") for lam in (0.125, 0.25, 0.5)}
+    assert all(len(g["rows"]) == 10 for g in data["growth"].values())
