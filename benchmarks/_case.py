@@ -37,23 +37,23 @@ def _train_or_infer_work(spec: dict, device):
 
 def measure(spec: dict) -> dict:
     """Build the spec's work, reset the peak mark, run it; the report (see the module docstring)."""
-    import gc
-
-    import torch
-
-    from . import memory
-    from .core import configure_backend, resolve_device, synchronize
-
     kind = spec["kind"]
     report: dict = {"kind": kind}
 
-    if kind == "exec":
+    if kind == "exec":                         # no torch import: the child's own peak is what counts
         start = time.perf_counter()
         with open(spec["log"], "w") as log:
             proc = subprocess.run(spec["cmd"], cwd=spec.get("cwd"), stdout=log, stderr=subprocess.STDOUT)
         report.update(returncode=proc.returncode, elapsed_s=time.perf_counter() - start,
                       peak_child_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
         return report
+
+    import gc
+
+    import torch
+
+    from . import memory
+    from .core import configure_backend, resolve_device, synchronize
 
     device = resolve_device(spec.get("device", "cpu"))
     configure_backend(device, spec.get("threads"))

@@ -112,8 +112,46 @@ def ratios(timings: Mapping[str, dict], baseline: str) -> dict:
         if name == baseline:
             continue
         paired = [a / b for a, b in zip(t["samples_s"], base["samples_s"])]
-        out[name] = {"ratio": t["median_s"] / base["median_s"], "paired_ratio": statistics.median(paired)}
+        out[name] = {"ratio": t["median_s"] / base["median_s"], "paired_ratio": statistics.median(paired),
+                     "min_ratio": t["min_s"] / base["min_s"]}
     return out
+
+
+class OtherLoad:
+    """CPU time other processes used while a block ran, in cores (Linux /proc/stat; None elsewhere).
+
+    Busy CPU time of the whole machine minus this process's own (and its waited-for children's), over the
+    wall time: 0 on a quiet machine, about 1 when another process kept one core busy throughout. Timings
+    taken while it is well above 0 are contaminated, ratios less so (the candidates are interleaved).
+    """
+
+    @staticmethod
+    def _machine_busy() -> float | None:
+        try:
+            fields = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        import resource
+
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def __enter__(self) -> "OtherLoad":
+        self.start = (time.perf_counter(), self._machine_busy(), self._own())
+        self.cores = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, busy, own = time.perf_counter(), self._machine_busy(), self._own()
+        if busy is None or self.start[1] is None or wall <= self.start[0]:
+            return
+        other = (busy - self.start[1]) - (own - self.start[2])
+        self.cores = max(0.0, other / (wall - self.start[0]))
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import FORMAT_VERSION, LATEST
-from .core import configure_backend, environment, fmt_table, interleave, load_average, ratios, write_json
+from .core import OtherLoad, configure_backend, environment, fmt_table, interleave, load_average, ratios, write_json
 from .nets import Case
 
 SECTIONS = ("train", "infer", "fid", "frechet", "pipeline", "memory", "growth")
@@ -360,6 +360,10 @@ def table(results: dict) -> str:
             where = f" ({results[key + '_case']})" if key + "_case" in results else ""
             lines.append(f"{key} = {results[key]:.4g}{where}")
     lines += [f"target {k}: {v}" for k, v in results.get("targets", {}).items()]
+    busy = {k: v for k, v in results.get("other_processes_cores", {}).items() if v is not None and v > 0.25}
+    if busy:
+        lines.append("WARNING: other processes were busy during " + ", ".join(
+            f"{k} ({v:.2f} cores)" for k, v in busy.items()) + ": re-run on a quiet machine for clean numbers")
     return "\n".join(lines)
 
 
@@ -387,12 +391,17 @@ def run(cfg: BenchConfig, device: torch.device, out: Path | None = LATEST, workd
             if name not in cfg.sections:
                 continue
             t0 = time.perf_counter()
-            try:
-                fn()
-            except Exception as e:  # keep the other sections' numbers; the error is recorded and reported
-                traceback.print_exc()
-                results["errors"][name] = f"{type(e).__name__}: {e}"
+            with OtherLoad() as other:
+                try:
+                    fn()
+                except Exception as e:  # keep the other sections' numbers; the error is recorded and reported
+                    traceback.print_exc()
+                    results["errors"][name] = f"{type(e).__name__}: {e}"
             results.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
+            results.setdefault("other_processes_cores", {})[name] = other.cores
+            if other.cores is not None and other.cores > 0.25:
+                print(f"[{name}] WARNING: other processes used {other.cores:.2f} cores meanwhile: "
+                      "timings are contaminated", flush=True)
     torch.set_num_threads(threads_before)
     results["environment"]["load_average_end"] = load_average()
     results["total_seconds"] = time.perf_counter() - start
