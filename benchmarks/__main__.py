@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import LATEST
-from .core import resolve_device
+from .core import resolve_device, wait_until_quiet
 from .runner import SECTIONS, preset, run
 
 
@@ -25,16 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[2])
     p.add_argument("--quick", action="store_true", help="a few minutes on a laptop CPU: 128x128, fewer repeats, "
                    "tiny dvc suite only")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto (cuda when available)")
     p.add_argument("--only", type=_sections, help=f"comma-separated sections to run ({','.join(SECTIONS)})")
     p.add_argument("--skip", type=_sections, default=set(), help="comma-separated sections to leave out")
     p.add_argument("--repeats", type=int, help="timed rounds for train/infer (overrides the preset)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format of every candidate (auto: on for CUDA, off for CPU)")
     p.add_argument("--pipeline", choices=("none", "tiny", "suite", "both"),
-                   help="which dvc repro runs to time (default: quick tiny, full both)")
+                   help="which dvc repro runs to time (default: --quick tiny, full run suite)")
     p.add_argument("--out", type=Path, default=LATEST, help=f"results file (default {LATEST})")
     p.add_argument("--workdir", type=Path, help="keep temporary files here instead of a deleted temp folder")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="first wait (up to SECONDS) until other processes use < 0.25 cores")
     args = p.parse_args(argv)
 
     cfg = preset("quick" if args.quick else "full")
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.pipeline = {"none": (), "tiny": ("tiny",), "suite": ("suite",), "both": ("tiny", "suite")}[args.pipeline]
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.wait_quiet > 0:
+        wait_until_quiet(args.wait_quiet)
     results = run(cfg, resolve_device(args.device), args.out, args.workdir)
     return 1 if results["errors"] else 0
 

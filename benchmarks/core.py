@@ -250,3 +250,15 @@ def fmt_table(head: list[str], rows: Iterable[list[str]]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(lines)
+
+
+def wait_until_quiet(max_wait_s: float, threshold: float = 0.25, window_s: float = 5.0) -> float | None:
+    """Sleep until other processes use less than `threshold` cores over a `window_s` window, or give up
+    after `max_wait_s`; returns the last measured load of the others (None where it cannot be measured)."""
+    deadline = time.perf_counter() + max_wait_s
+    while True:
+        with OtherLoad() as other:
+            time.sleep(window_s)
+        if other.cores is None or other.cores < threshold or time.perf_counter() >= deadline:
+            return other.cores
+        print(f"waiting for a quiet machine: other processes use {other.cores:.2f} cores", flush=True)
