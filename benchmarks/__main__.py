@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory format of every candidate (auto: on for CUDA, off for CPU)")
     p.add_argument("--pipeline", choices=("none", "tiny", "suite", "both"),
                    help="which dvc repro runs to time (default: --quick tiny, full run suite)")
+    p.add_argument("--order", choices=("auto", "compose", "mix_outputs"), default="auto",
+                   help="forward order of the piggyback layers (auto: the cheaper per layer; compose: always "
+                   "compose the weight first, the behaviour before the automatic choice)")
     p.add_argument("--out", type=Path, default=LATEST, help=f"results file (default {LATEST})")
     p.add_argument("--workdir", type=Path, help="keep temporary files here instead of a deleted temp folder")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
     if args.wait_quiet > 0:
         wait_until_quiet(args.wait_quiet)
+    cfg.order = args.order
     results = run(cfg, resolve_device(args.device), args.out, args.workdir)
     return 1 if results["errors"] else 0
 

@@ -17,6 +17,9 @@ def _train_or_infer_work(spec: dict, device):
     """Build the candidate and its inputs; return the work to measure (`steps` calls)."""
     from . import nets
 
+    from piggyback.layers import _PiggybackConvNd
+
+    _PiggybackConvNd.order = spec.get("order", "auto")
     case = nets.Case(**spec["case"])
     cl = bool(spec.get("channels_last"))
     if spec["kind"] == "train":

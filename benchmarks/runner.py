@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from piggyback.layers import _PiggybackConvNd
+
 from . import FORMAT_VERSION, LATEST
 from .core import OtherLoad, configure_backend, environment, fmt_table, interleave, load_average, ratios, write_json
 from .nets import Case
@@ -53,6 +55,7 @@ class BenchConfig:
     growth_tasks: int = 10
     channels_last: str = "auto"              # auto (CUDA: on, CPU: off) | on | off
     threads: int | None = None               # CPU intra-op threads (default: one per available core)
+    order: str = "auto"                      # piggyback forward order: auto | compose | mix_outputs
     sections: tuple = SECTIONS
 
     def to_dict(self) -> dict:
@@ -213,7 +216,8 @@ def run_memory(cfg: BenchConfig, device: torch.device, results: dict, workdir: P
         for w in ("plain", "materialized", "piggyback"):
             specs[f"infer/{case.name}/{w}"] = {"kind": "infer", "case": dataclasses.asdict(case), "candidate": w}
     for spec in specs.values():
-        spec.update(device=device.type, channels_last=cl, steps=cfg.memory_steps, threads=cfg.threads)
+        spec.update(device=device.type, channels_last=cl, steps=cfg.memory_steps, threads=cfg.threads,
+                    order=cfg.order)
     fid = results.get("fid") or {}
     if "weights" in fid and cfg.memory_fid:
         for impl in ("ours", "pytorch_fid"):
@@ -372,6 +376,7 @@ def run(cfg: BenchConfig, device: torch.device, out: Path | None = LATEST, workd
         verbose_table: bool = True) -> dict:
     """Run the configured sections; write `out` (atomically) and return the results."""
     threads_before = torch.get_num_threads()
+    _PiggybackConvNd.order = cfg.order
     backend = configure_backend(device, cfg.threads)
     results = {"format_version": FORMAT_VERSION, "mode": cfg.mode, "config": cfg.to_dict(),
                "environment": environment(device, backend),
@@ -403,6 +408,7 @@ def run(cfg: BenchConfig, device: torch.device, out: Path | None = LATEST, workd
                 print(f"[{name}] WARNING: other processes used {other.cores:.2f} cores meanwhile: "
                       "timings are contaminated", flush=True)
     torch.set_num_threads(threads_before)
+    _PiggybackConvNd.order = "auto"
     results["environment"]["load_average_end"] = load_average()
     results["total_seconds"] = time.perf_counter() - start
     summarize(cfg, results)

@@ -210,6 +210,52 @@ class _PiggybackConvNd(nn.Module):
     def task_bias(self, t: int) -> Optional[Tensor]:
         return self.task_state(t).get("bias")
 
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Run the active task. Two exact orders of the same linear map, chosen by arithmetic cost:
+
+        compose: W = cat([U, P]) once, then one convolution (cost independent of the input size);
+        mix outputs: convolve with U and with the bank F, then mix the bank's output channels with W_t
+        (cheaper where the feature map is small, e.g. the inner layers of a U-Net: composing a
+        512x512x4x4 weight from a bank of 640 filters costs ~2 GMAC, convolving a 2x2 map a few MMAC).
+        The choice depends only on shapes, so a given input always takes the same path (bit-exact probes).
+        """
+        t = self._active()
+        state = self.task_state(t)
+        mix = state.get("mix")
+        if mix is None or mix.shape[1] == 0 or not self._mix_outputs_is_cheaper(x, mix.shape[0], mix.shape[1]):
+            weight, bias = self.task_weight_bias(t)
+            return self._conv(x, weight, bias)
+        bank = self.filter_bank.narrow(self.filter_dim, 0, mix.shape[0])
+        filters = state["filters"]
+        if self.transposed:   # slices on dim 1 are strided: a fixed layout however large the bank grows
+            bank, filters = bank.contiguous(), filters.contiguous()
+        bias = state.get("bias")
+        m = filters.shape[self.filter_dim]
+        own = self._conv(x, filters, None if bias is None else bias[:m])
+        mixed = torch.einsum("bnhw,np->bphw", self._conv(x, bank, None), mix)
+        if bias is not None:
+            mixed = mixed + bias[m:].view(1, -1, 1, 1)
+        return torch.cat([own, mixed], 1)
+
+    #: "auto" (cheaper order per call), "compose" or "mix_outputs": a class-wide override for tests/benchmarks.
+    order = "auto"
+
+    def _mix_outputs_is_cheaper(self, x: Tensor, n_bank: int, p: int) -> bool:
+        if self.order != "auto":
+            return self.order == "mix_outputs"
+        if x.dim() != 4:
+            return False
+        b, _, h, w = x.shape
+        ho, wo = self._out_hw(h, w)
+        d = self.filter_size
+        # MACs per output filter: conv d*b*ho*wo; transposed d*b*h*w (one scatter per input pixel).
+        per_filter = d * b * (h * w if self.transposed else ho * wo)
+        m = self.out_channels - p
+        compose = p * n_bank * d + self.out_channels * per_filter
+        mix_outputs = (m + n_bank) * per_filter + p * n_bank * b * ho * wo
+        return mix_outputs < compose
+
     def _active(self) -> int:
         if not self.active_task:
             raise RuntimeError(f"{type(self).__name__} has no task yet: call add_task() first")
@@ -231,9 +277,12 @@ class PiggybackConv2d(_PiggybackConvNd):
                  bias: bool = True, lam: float = 0.25):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam)
 
-    def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.task_weight_bias(self._active())
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
     def to_dense(self, t: int) -> nn.Conv2d:
         """A plain nn.Conv2d holding task t's weights (for materialised inference)."""
@@ -255,9 +304,12 @@ class PiggybackConvTranspose2d(_PiggybackConvNd):
                  output_padding: int | tuple[int, int] = 0, bias: bool = True, lam: float = 0.25):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam, output_padding)
 
-    def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.task_weight_bias(self._active())
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (oh, ow) = self.kernel_size, self.stride, self.padding, self.output_padding
+        return (h - 1) * sh - 2 * ph + kh + oh, (w - 1) * sw - 2 * pw + kw + ow
 
     def to_dense(self, t: int) -> nn.ConvTranspose2d:
         """A plain nn.ConvTranspose2d holding task t's weights (for materialised inference)."""

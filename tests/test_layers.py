@@ -197,3 +197,53 @@ def test_task_batchnorm_frozen_task_never_changes_and_comes_back():
     assert torch.equal(tbn(x), eval_1)
     assert all(torch.equal(v, frozen[k]) for k, v in tbn.named_buffers() if k.endswith("_1"))
     assert tbn.task_state(2)["num_batches_tracked"].item() == 3
+
+
+@pytest.fixture
+def order():
+    """Force the forward order of every piggyback layer; restored afterwards."""
+    from piggyback.layers import _PiggybackConvNd
+    yield lambda value: setattr(_PiggybackConvNd, "order", value)
+    _PiggybackConvNd.order = "auto"
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_both_forward_orders_compute_the_same_map_and_gradients(transposed, order):
+    torch.manual_seed(0)
+    layer = _grow(_layer(transposed, cin=6, cout=12, k=4, stride=2, padding=1), [None, 0.25, 0.5])
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    got = {}
+    for name in ("compose", "mix_outputs"):
+        order(name)
+        x.grad = None
+        layer.zero_grad()
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        got[name] = [y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    for a, b in zip(got["compose"], got["mix_outputs"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    weight, bias = layer.task_weight_bias(3)
+    conv = F.conv_transpose2d if transposed else F.conv2d
+    torch.testing.assert_close(got["mix_outputs"][0], conv(x, weight, bias, 2, 1).detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_auto_order_mixes_outputs_only_where_the_map_is_small(transposed):
+    layer = _grow(_layer(transposed, cin=256, cout=256, k=4, stride=2, padding=1), [None, 0.25, 0.25])
+    n_bank, p = layer.mix_weights.shape
+    assert layer._mix_outputs_is_cheaper(torch.empty(1, 256, 2, 2), n_bank, p)        # U-Net bottleneck
+    assert not layer._mix_outputs_is_cheaper(torch.empty(1, 256, 128, 128), n_bank, p)  # outer layer
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_frozen_tasks_stay_bit_exact_in_the_mix_outputs_order(transposed, order):
+    order("mix_outputs")
+    torch.manual_seed(0)
+    layer = _grow(_layer(transposed), [None, 0.25, 0.5])
+    x = torch.randn(2, 5, 6, 6)
+    with torch.no_grad():
+        before = [layer.set_task(t) or layer(x) for t in (2, 3)]
+        layer.add_task(0.25)
+        layer.add_task(0.75)
+        after = [layer.set_task(t) or layer(x) for t in (2, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
