@@ -184,38 +184,51 @@ def infer_fn(net: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[
 
 # -- diagnostics ---------------------------------------------------------------------------------
 def conv_macs(net: nn.Module, x: torch.Tensor) -> dict:
-    """Multiply-accumulates of one forward: convolutions (from output sizes) and weight composition.
+    """Multiply-accumulates of one forward (convolutions) and the extra work of the piggyback layers.
 
-    Composition of a task t >= 2 layer costs p * N_{t-1} * d (one matmul); training runs it once forward
-    and once backward (the mixing matrix's gradient), against about 3x the forward conv work (forward,
-    input gradient, weight gradient), hence the predicted step-time ratio 1 + 2 compose / (3 conv).
+    Per layer, in the order the layer picks for this input (`_mix_outputs_is_cheaper`):
+    compose: p * N * d to compose, once forward and once backward (the mixing matrix's gradient);
+    mix outputs: the convolution runs over m + N filters instead of n (forward and input gradient), the
+    weight gradient over m only, and mixing costs p * N per output pixel (forward and two gradients).
+    A training step does about 3x the forward conv work, hence the predicted step-time ratio
+    1 + extra / (3 conv).
     """
-    sizes = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, key=id(m): sizes.__setitem__(key, out.shape[-2:] .numel()))
-             for m in net.modules() if isinstance(m, PIGGYBACK_LAYERS)]
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, key=id(m): seen.__setitem__(
+        key, (torch.empty(inp[0].shape, device="meta"), out.shape[-2:].numel())))
+        for m in net.modules() if isinstance(m, PIGGYBACK_LAYERS)]
     try:
         with torch.no_grad():
             net(x)
     finally:
         for h in hooks:
             h.remove()
-    conv = compose = 0
+    conv = compose = extra_train = extra_infer = 0
+    mixed_layers = 0
     for m in net.modules():
         if not isinstance(m, PIGGYBACK_LAYERS):
             continue
+        inp, out_pixels = seen[id(m)]
+        n, d, b = m.out_channels, m.filter_size, inp.shape[0]
+        per_filter = d * b * (inp.shape[-2] * inp.shape[-1] if m.transposed else out_pixels)
+        conv += n * per_filter
         t = m.active_task
-        n, d = m.out_channels, m.filter_size
-        if m.transposed:   # each input pixel scatters C_out * kh * kw values
-            conv += x.shape[0] * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * \
-                sizes[id(m)] // (m.stride[0] * m.stride[1])
+        if t < 2 or m.num_new(t) == n:
+            continue
+        p, n_bank = n - m.num_new(t), m.bank_rows_before(t)
+        if m._mix_outputs_is_cheaper(inp, n_bank, p):
+            mixed_layers += 1
+            mix = p * n_bank * b * out_pixels
+            extra_train += (2 * (n_bank - p) - p) * per_filter + 3 * mix
+            extra_infer += (n_bank - p) * per_filter + mix
         else:
-            conv += x.shape[0] * n * d * sizes[id(m)]
-        if t >= 2:
-            m_t = m.num_new(t)
-            compose += (n - m_t) * m.bank_rows_before(t) * d
-    return {"conv_macs": conv, "compose_macs": compose,
-            "predicted_train_ratio": 1 + 2 * compose / (3 * conv) if conv else None,
-            "predicted_infer_ratio_unmaterialized": 1 + compose / conv if conv else None}
+            compose += p * n_bank * d
+            extra_train += 2 * p * n_bank * d
+            extra_infer += p * n_bank * d
+    return {"conv_macs": conv, "compose_macs": compose, "mix_outputs_layers": mixed_layers,
+            "extra_train_macs": extra_train,
+            "predicted_train_ratio": 1 + extra_train / (3 * conv) if conv else None,
+            "predicted_infer_ratio_unmaterialized": 1 + extra_infer / conv if conv else None}
 
 
 def compose_time(net: nn.Module, device: torch.device, repeats: int = 5) -> dict:
