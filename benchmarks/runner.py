@@ -80,6 +80,7 @@ def preset(name: str) -> BenchConfig:
         return BenchConfig(
             mode="quick",
             train_cases=(Case("resnet_9blocks", 128),), headline="resnet_9blocks@128", train_repeats=4,
+            recipe_cases=(Case("resnet_9blocks", 128),), recipe_repeats=3,
             infer_cases=(Case("resnet_9blocks", 128),), infer_repeats=12,
             fid_images=32, fid_size=64, fid_batch=32, fid_repeats=2,
             frechet_ours_repeats=3, frechet_theirs_repeats=1,

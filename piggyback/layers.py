@@ -91,6 +91,7 @@ class _PiggybackConvNd(nn.Module):
         self.register_parameter("new_filters", None)
         self.register_parameter("mix_weights", None)
         self.register_parameter("bias", None)
+        self._weight_cache: Optional[dict] = None  # set by lifelong.reuse_composed_weights (one iteration)
 
     # -- shapes and sizes --------------------------------------------------------------------------
     def _filter_shape(self, count: int) -> tuple[int, ...]:
@@ -224,8 +225,7 @@ class _PiggybackConvNd(nn.Module):
         state = self.task_state(t)
         mix = state.get("mix")
         if mix is None or mix.shape[1] == 0 or not self._mix_outputs_is_cheaper(x, mix.shape[0], mix.shape[1]):
-            weight, bias = self.task_weight_bias(t)
-            return self._conv(x, weight, bias)
+            return self._conv(x, *self._composed(t))
         bank = self.filter_bank.narrow(self.filter_dim, 0, mix.shape[0])
         filters = state["filters"]
         if self.transposed:   # slices on dim 1 are strided: a fixed layout however large the bank grows
@@ -237,6 +237,16 @@ class _PiggybackConvNd(nn.Module):
         if bias is not None:
             mixed = mixed + bias[m:].view(1, -1, 1, 1)
         return torch.cat([own, mixed], 1)
+
+    def _composed(self, t: int) -> tuple[Tensor, Optional[Tensor]]:
+        """task_weight_bias(t), computed once per `reuse_composed_weights` scope (same grad/autocast mode)."""
+        cache = self._weight_cache
+        if cache is None:
+            return self.task_weight_bias(t)
+        key = (t, torch.is_grad_enabled(), torch.is_autocast_enabled())
+        if key not in cache:
+            cache[key] = self.task_weight_bias(t)
+        return cache[key]
 
     #: "auto" (cheaper order per call), "compose" or "mix_outputs": a class-wide override for tests/benchmarks.
     order = "auto"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -108,6 +109,25 @@ def bank_lams(net: nn.Module) -> list[dict[str, float]]:
     """Per task, the lambda of every piggyback layer: with the config, all it takes to rebuild the bank."""
     layers = [(n, m) for n, m in net.named_modules() if isinstance(m, PIGGYBACK_LAYERS)]
     return [{n: m.lams[t] for n, m in layers} for t in range(num_tasks(net))]
+
+
+@contextmanager
+def reuse_composed_weights(*nets: nn.Module) -> Iterator[None]:
+    """Compose each piggyback layer's weight once inside this scope, however often the nets are called.
+
+    For one training iteration that calls a generator several times (CycleGAN: G(x), the cycle, the
+    identity) before one backward: the same values as composing per call, and the mixing matrices'
+    gradients are computed once instead of per call. Leave the scope before the optimiser step: the cache
+    holds weights of the current parameter values.
+    """
+    layers = [m for net in nets for m in net.modules() if isinstance(m, PIGGYBACK_LAYERS)]
+    for m in layers:
+        m._weight_cache = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._weight_cache = None
 
 
 @torch.no_grad()

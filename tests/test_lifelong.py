@@ -149,3 +149,35 @@ def test_add_task_requires_the_previous_one_finished():
         model.add_task("b", "pix2pix")
     with pytest.raises(ValueError, match="mode"):
         LifelongModel(RESNET).add_task("a", "cycle")
+
+
+def test_reuse_composed_weights_composes_once_with_the_same_gradients(monkeypatch):
+    from piggyback.layers import PiggybackConv2d
+
+    torch.manual_seed(0)
+    model = LifelongModel(RESNET)
+    model.add_task("a", "pix2pix")
+    model.finish_task()
+    model.add_task("b", "pix2pix")
+    net = model.generators["G_A"]
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    original = PiggybackConv2d.task_weight_bias
+    monkeypatch.setattr(PiggybackConv2d, "task_weight_bias", lambda self, t: calls.append(t) or original(self, t))
+
+    def three_calls_then_backward():
+        net.zero_grad(set_to_none=True)
+        calls.clear()
+        torch.manual_seed(1)                    # the same dropout masks in both runs
+        y = net(x)
+        (net(y).abs().mean() + net(x.flip(-1)).square().mean()).backward()
+        return [p.grad.clone() for p in net.parameters()], len(calls)
+
+    per_call, n_per_call = three_calls_then_backward()
+    with lifelong.reuse_composed_weights(net):
+        shared, n_shared = three_calls_then_backward()
+    convs = sum(isinstance(m, PiggybackConv2d) for m in net.modules())
+    assert n_per_call == 3 * convs and n_shared == convs
+    for a, b in zip(per_call, shared):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert all(m._weight_cache is None for m in net.modules() if isinstance(m, PiggybackConv2d))

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from piggyback.config import CycleGANConfig
+from piggyback.lifelong import reuse_composed_weights
 from piggyback.losses import GANLoss, ImagePool
 from piggyback.models import Precision, set_requires_grad
 
@@ -60,14 +61,16 @@ def train_step(
     """One iteration: returns (detached losses, detached visuals). `nets` are the DDP wrappers."""
     G_A, G_B, D_A, D_B = (nets[k] for k in ("G_A", "G_B", "D_A", "D_B"))
 
-    # Generators: D frozen so its parameters collect no gradient from the adversarial terms.
-    with prec.autocast():
-        x = forward(G_A, G_B, real_A, real_B)
-    set_requires_grad([D_A, D_B], False)
-    optimizers["G"].zero_grad(set_to_none=True)
-    with prec.autocast():
-        g = generator_loss(x, G_A, G_B, D_A, D_B, gan, cfg)
-    prec.backward(g["G"])
+    # Generators: D frozen so its parameters collect no gradient from the adversarial terms. Each G runs
+    # three times (translation, cycle, identity); its piggyback weights are composed once.
+    with reuse_composed_weights(G_A, G_B):
+        with prec.autocast():
+            x = forward(G_A, G_B, real_A, real_B)
+        set_requires_grad([D_A, D_B], False)
+        optimizers["G"].zero_grad(set_to_none=True)
+        with prec.autocast():
+            g = generator_loss(x, G_A, G_B, D_A, D_B, gan, cfg)
+        prec.backward(g["G"])
     prec.step(optimizers["G"])
 
     # Discriminators: D_A on real_B vs pooled fake_B, D_B on real_A vs pooled fake_A.
