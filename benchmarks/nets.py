@@ -194,8 +194,8 @@ def conv_macs(net: nn.Module, x: torch.Tensor) -> dict:
     1 + extra / (3 conv).
     """
     seen = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, key=id(m): seen.__setitem__(
-        key, (torch.empty(inp[0].shape, device="meta"), out.shape[-2:].numel())))
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, key=id(m): seen.__setitem__(
+        key, torch.empty(inp[0].shape, device="meta")))
         for m in net.modules() if isinstance(m, PIGGYBACK_LAYERS)]
     try:
         with torch.no_grad():
@@ -208,9 +208,9 @@ def conv_macs(net: nn.Module, x: torch.Tensor) -> dict:
     for m in net.modules():
         if not isinstance(m, PIGGYBACK_LAYERS):
             continue
-        inp, out_pixels = seen[id(m)]
-        n, d, b = m.out_channels, m.filter_size, inp.shape[0]
-        per_filter = d * b * (inp.shape[-2] * inp.shape[-1] if m.transposed else out_pixels)
+        inp = seen[id(m)]
+        n, d = m.out_channels, m.filter_size
+        per_filter, out_pixels = m.conv_work(inp)
         conv += n * per_filter
         t = m.active_task
         if t < 2 or m.num_new(t) == n:
@@ -218,7 +218,7 @@ def conv_macs(net: nn.Module, x: torch.Tensor) -> dict:
         p, n_bank = n - m.num_new(t), m.bank_rows_before(t)
         if m._mix_outputs_is_cheaper(inp, n_bank, p):
             mixed_layers += 1
-            mix = p * n_bank * b * out_pixels
+            mix = p * n_bank * out_pixels
             extra_train += (2 * (n_bank - p) - p) * per_filter + 3 * mix
             extra_infer += (n_bank - p) * per_filter + mix
         else:

@@ -251,19 +251,25 @@ class _PiggybackConvNd(nn.Module):
     #: "auto" (cheaper order per call), "compose" or "mix_outputs": a class-wide override for tests/benchmarks.
     order = "auto"
 
+    def conv_work(self, x: Tensor) -> tuple[int, int]:
+        """(multiply-adds per output filter, output pixels over the batch) of convolving input `x` (B, C, H, W).
+
+        Per filter: d * B * H_out * W_out for a convolution, d * B * H * W for a transposed one (each input
+        pixel scatters one kh x kw patch per output filter).
+        """
+        b, _, h, w = x.shape
+        ho, wo = self._out_hw(h, w)
+        return self.filter_size * b * (h * w if self.transposed else ho * wo), b * ho * wo
+
     def _mix_outputs_is_cheaper(self, x: Tensor, n_bank: int, p: int) -> bool:
         if self.order != "auto":
             return self.order == "mix_outputs"
         if x.dim() != 4:
             return False
-        b, _, h, w = x.shape
-        ho, wo = self._out_hw(h, w)
-        d = self.filter_size
-        # MACs per output filter: conv d*b*ho*wo; transposed d*b*h*w (one scatter per input pixel).
-        per_filter = d * b * (h * w if self.transposed else ho * wo)
+        per_filter, out_pixels = self.conv_work(x)
         m = self.out_channels - p
-        compose = p * n_bank * d + self.out_channels * per_filter
-        mix_outputs = (m + n_bank) * per_filter + p * n_bank * b * ho * wo
+        compose = p * n_bank * self.filter_size + self.out_channels * per_filter
+        mix_outputs = (m + n_bank) * per_filter + p * n_bank * out_pixels
         return mix_outputs < compose
 
     def _active(self) -> int:
