@@ -154,12 +154,6 @@ class OtherLoad:
         self.cores = max(0.0, other / (wall - self.start[0]))
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
-    value = fn()
-    return time.perf_counter() - start, value
-
-
 # -- environment ---------------------------------------------------------------------------------
 def _git(*args: str) -> str | None:
     try:

@@ -194,7 +194,7 @@ def conv_macs(net: nn.Module, x: torch.Tensor) -> dict:
     1 + extra / (3 conv).
     """
     seen = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, key=id(m): seen.__setitem__(
+    hooks = [m.register_forward_pre_hook(lambda _mod, inp, key=id(m): seen.__setitem__(
         key, torch.empty(inp[0].shape, device="meta")))
         for m in net.modules() if isinstance(m, PIGGYBACK_LAYERS)]
     try:

@@ -83,15 +83,6 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, t.tolist()))
 
 
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from `src` to every rank (identity without a process group)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def cleanup(wait: bool = True) -> None:
     """Wait for every rank (outputs are complete before exit), then tear the process group down.
 
