@@ -117,11 +117,13 @@ def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
 
 
 def suite_signature(params: Params) -> str:
-    """What must be equal for two pipeline runs to be compared as methods: everything but train.method."""
+    """What must be equal for two pipeline runs to be aggregated together: everything but the method and
+    the seed (the two axes a comparison runs over), and the process count."""
     from piggyback.config import as_dict, task_recipe
 
     train = {k: v for k, v in as_dict(params.train).items() if k not in ("method", "nproc")}
-    body = {"base": as_dict(params.base), "data": as_dict(params.data), "model": as_dict(params.model),
+    base = {k: v for k, v in as_dict(params.base).items() if k != "seed"}
+    body = {"base": base, "data": as_dict(params.data), "model": as_dict(params.model),
             "train": train, "datasets": as_dict(params.datasets),
             "tasks": [as_dict(task_recipe(params, t)) for t in params.task_order()]}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
