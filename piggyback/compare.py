@@ -131,7 +131,7 @@ def comparison_plot(plt: Any, comparison: dict, path: Path) -> Path:
         ax2.errorbar(xs, [s["mean"] if s["mean"] is not None else nan for s in col["l1"]],
                      yerr=[s["std"] or 0.0 for s in col["l1"]], fmt="_", markersize=14, color="black", zorder=3)
     ax1.set(title="Stored parameters after each task", xlabel="after task", ylabel="M")
-    ax2.set(title="L1 at the end (bars) vs after training (ticks), mean ± std", xticks=range(len(names)),
+    ax2.set(title="L1 at the end (bars), after training (ticks); mean ± std", xticks=range(len(names)),
             xticklabels=names, ylabel="L1 (lower is better)")
     ax1.legend()
     ax2.legend(fontsize=8)

@@ -145,6 +145,6 @@ def matrix_figure(matrices: list[dict], path: Union[str, Path], metric: str = "l
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=metric.upper() + (" (lower is better)"
                                                                              if LOWER_IS_BETTER[metric] else ""))
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
