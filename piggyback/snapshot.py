@@ -1,22 +1,21 @@
 """Resume snapshots of one task's training: everything needed to continue bit-exactly after a kill.
 
-A snapshot holds the networks, optimisers, schedulers, grad scaler, epoch / step counters, the MLflow
-run id and, for every rank, its RNG states, image pools and loss accumulators (gathered to rank 0,
-which alone writes). It is one file, `models/.snapshots/<task>/snapshot.pt`, replaced atomically and
+A snapshot holds a `TrainState` (piggyback/trainstate.py: networks, optimisers, schedulers, grad
+scaler, counters and, for every rank, its RNG states, image pools and loss sums, gathered to rank 0,
+which alone writes), the MLflow run id and the fingerprint of the settings. It is one file, `models/.snapshots/<task>/snapshot.pt`, replaced atomically and
 loadable with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts only.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
+from piggyback import distributed as D
 from piggyback.fsutil import atomic_torch_save
 
 FORMAT = 1
@@ -44,34 +43,10 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def capture_rng(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather_to_rank0(local: Any) -> Optional[list]:
-    """Every rank's `local` as a list on rank 0 (None elsewhere); [local] without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [local]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, out, dst=0)
-    return out
-
-
 def save(directory: str | Path, state: dict) -> Path:
     """Write the snapshot atomically (a kill leaves the previous snapshot intact)."""
     path = Path(directory) / FILE
-    atomic_torch_save(path, to_cpu({"format": FORMAT, **state}))
+    atomic_torch_save(path, {"format": FORMAT, **state})
     return path
 
 
@@ -94,3 +69,33 @@ def clear(directory: str | Path) -> None:
         directory.parent.rmdir()
     except OSError:
         pass
+
+
+class Snapshots:
+    """One task's resume point, all of its logic in one place: load if it matches, save, clear.
+
+    A snapshot written with other settings (`fingerprint`: params, predecessor, data) or another world
+    size is stale: it is ignored, said so, and overwritten by the next save.
+    """
+
+    def __init__(self, models_dir: str | Path, task: str, fingerprint: str, world_size: int) -> None:
+        self.directory, self.task = snapshot_dir(models_dir, task), task
+        self.fingerprint, self.world_size = fingerprint, world_size
+
+    def load(self) -> Optional[dict]:
+        """The snapshot to resume from, or None (none, or a stale one)."""
+        state = load(self.directory)
+        if state is not None and (state.get("fingerprint") != self.fingerprint or state.get("world_size") != self.world_size):
+            D.print0(f"Ignoring the snapshot in {self.directory}: it was written with other params, data or world size")
+            return None
+        return state
+
+    def save(self, state: Any, run_id: Optional[str]) -> None:
+        """Save `state` (a TrainState) atomically from rank 0. Collective: every rank must call it."""
+        full = state.state_dict()
+        if full is not None:
+            save(self.directory, {"task": self.task, "fingerprint": self.fingerprint, "world_size": self.world_size,
+                                  "run_id": run_id, **full})
+
+    def clear(self) -> None:
+        clear(self.directory)
