@@ -7,9 +7,13 @@ loadable with ``torch.load(weights_only=True)``: tensors, numbers, strings, list
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +24,11 @@ from piggyback.fsutil import atomic_torch_save
 
 FORMAT = 1
 FILE = "snapshot.pt"
+LOCK = "trainer.lock"
+
+
+class TrainerBusy(RuntimeError):
+    """Another live process is training the same task (it holds the task's lock)."""
 
 
 def snapshot_dir(models_dir: str | Path, task: str) -> Path:
@@ -71,16 +80,83 @@ def clear(directory: str | Path) -> None:
         pass
 
 
-class Snapshots:
-    """One task's resume point, all of its logic in one place: load if it matches, save, clear.
+class TrainerLock:
+    """One trainer per task: an exclusive `flock` on `<snapshot folder>/trainer.lock`, held for the trainer's life.
 
-    A snapshot written with other settings (`fingerprint`: params, predecessor, data) or another world
-    size is stale: it is ignored, said so, and overwritten by the next save.
+    The file names the holder (PID, host, start time) for the message a second trainer gets. The kernel
+    drops the lock when its process dies, however it dies, so a dead trainer's lock is simply taken over.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path, self.fd = Path(directory) / LOCK, None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns the previous (dead) holder's description, if the file named one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "an unknown process"
+            os.close(fd)
+            raise TrainerBusy(f"{holder} is already training this task (lock {self.path}): wait for it to end, "
+                              "or stop it, then run the stage again") from None
+        previous = os.read(fd, 4096).decode(errors="replace").strip() or None
+        me = f"PID {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        self.fd = fd
+        return previous
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def clear_finished(models_dir: str | Path) -> list[str]:
+    """Delete the snapshot folders of finished tasks (models/<task>/meta.json exists), e.g. after DVC
+    restored a task from its run cache; a folder whose trainer is alive is left alone. Returns the tasks."""
+    root, cleared = Path(models_dir) / ".snapshots", []
+    for folder in sorted(root.glob("*")) if root.is_dir() else []:
+        if not (Path(models_dir) / folder.name / "meta.json").is_file():
+            continue
+        lock = TrainerLock(folder)
+        try:
+            lock.acquire()
+        except (TrainerBusy, OSError):
+            continue
+        clear(folder)
+        lock.release()
+        cleared.append(folder.name)
+    return cleared
+
+
+class Snapshots:
+    """One task's resume point, all of its logic in one place: lock, load if it matches, save, clear.
+
+    Used as a context manager: rank 0 holds the task's `TrainerLock` inside the block (a second trainer
+    gets `TrainerBusy`); on exit a folder left without a snapshot is removed. A snapshot written with
+    other settings (`fingerprint`: params, predecessor, data) or another world size is stale: it is
+    ignored, said so, and overwritten by the next save.
     """
 
     def __init__(self, models_dir: str | Path, task: str, fingerprint: str, world_size: int) -> None:
         self.directory, self.task = snapshot_dir(models_dir, task), task
         self.fingerprint, self.world_size = fingerprint, world_size
+        self.lock = TrainerLock(self.directory)
+
+    def __enter__(self) -> "Snapshots":
+        if D.is_main():
+            previous = self.lock.acquire()
+            if previous:
+                print(f"Taking over {self.lock.path} from {previous}: that process is gone", flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock.fd is not None and not (self.directory / FILE).is_file():
+            self.clear()
+        self.lock.release()
 
     def load(self) -> Optional[dict]:
         """The snapshot to resume from, or None (none, or a stale one)."""
@@ -98,4 +174,5 @@ class Snapshots:
                                   "run_id": run_id, **full})
 
     def clear(self) -> None:
+        """Delete the snapshot folder (the lock file with it: the task is done)."""
         clear(self.directory)

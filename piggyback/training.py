@@ -24,11 +24,11 @@ from piggyback import distributed as D
 from piggyback import models, probes, snapshot
 from piggyback.checkpoint import check_compatible, load_lifelong, load_probes, read_meta, save_lifelong
 from piggyback.config import Params, as_dict, task_recipe
-from piggyback.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from piggyback.fsutil import atomic_write_json, atomic_write_text, remove_stale_temps, sha256_file
 from piggyback.losses import GANLoss
 from piggyback.progress import Progress
 from piggyback.trainstate import TrainState, lr_lambda, mode_config  # noqa: F401  (lr_lambda: public here too)
-from piggyback.tracking import NullTracker, default_tags, flatten, open_run
+from piggyback.tracking import close_leftover_runs, default_tags, ended, flatten, open_run
 
 
 def task_seed(params: Params, task_index: int) -> int:
@@ -114,62 +114,91 @@ class _Loop:
     progress: Progress
 
 
+@dataclass
+class _Inputs:
+    """What a task trains from, loaded and checked before anything is written."""
+    model: Any                    # LifelongModel: the predecessor's tasks, the new one added by TrainState.build
+    loader: DataLoader
+    sampler: DistributedSampler
+    probe_inputs: dict            # fixed test inputs per generator (forgetting probes)
+    prev_probes: dict             # earlier tasks' probes, carried into the new checkpoint
+    seed: int
+
+
 def train_task(params: Params, task: str, paths: TaskPaths, *, device: torch.device, local_rank: int = 0,
                run_name: Optional[str] = None) -> dict:
     """Train `task` on its predecessor, save models/<task>/ and the metrics files (rank 0); return the summary.
 
-    Errors from the inputs (ConfigError, CheckpointError, ValueError, FileNotFoundError) are raised before
-    anything is written. Resumes from a snapshot of exactly these settings and clears it on success.
+    Errors about the inputs (ConfigError, CheckpointError, ValueError, FileNotFoundError) are raised before
+    anything is written; a second trainer of the task gets `snapshot.TrainerBusy`. Resumes from a
+    snapshot of exactly these settings and clears it on success.
     """
-    # Set up: the predecessor, the data, this task's snapshot store and MLflow run, its state.
+    # Set up: the inputs, the task's lock and snapshot, its MLflow run (ended KILLED / FAILED on errors).
     recipe, cfg, rank, world = task_recipe(params, task), params.train, D.get_rank(), D.get_world_size()
+    inputs = _load_inputs(params, task, paths)
+    with snapshot.Snapshots(paths.models, task, _fingerprint(params, task, paths, world), world) as snaps:
+        if rank == 0:
+            remove_stale_temps(paths.models)   # what a killed writer left (this trainer holds the lock now)
+        resume = snaps.load()
+        with ended(_open_run(params, task, world, run_name, resume)) as tracker:
+            state = TrainState.build(inputs.model, task, recipe, params, device, inputs.seed)
+            ddp = D.wrap(state.nets, device, local_rank)
+
+            # Resume: everything the state holds, this rank's part included; else log the parameter counts.
+            if resume is not None:
+                state.load_state_dict(resume)
+                D.print0(f"Resuming {task} from snapshot at epoch {state.epoch + 1}, step {state.step}")
+            else:
+                tracker.log_metrics(state.parameter_counts(), step=0)
+
+            # Epoch loop: the rest of each epoch, then its CSV row, sample grid and learning-rate decay.
+            epochs, n = recipe.epochs + recipe.epochs_decay, len(inputs.loader)
+            total = min(cfg.max_steps or epochs * n, epochs * n)
+            mcfg = mode_config(cfg, recipe.mode)
+            loop = _Loop(models.recipe(recipe.mode), mcfg, cfg, GANLoss(mcfg.gan_mode).to(device), ddp, inputs.loader,
+                         inputs.sampler, total, epochs, snaps, tracker,
+                         Progress(task, total, state.step, items_per_step=cfg.batch_size * world, enabled=rank == 0))
+            loop.progress.say(f"train@{task}: {recipe.mode} on {recipe.dataset}, {epochs} epochs x {n} steps "
+                              f"(batch {cfg.batch_size} x {world} rank{'s' * (world > 1)}): {total} steps"
+                              + (f", from step {state.step}" if state.step else ""))
+            while state.epoch < epochs and state.step < total:
+                visuals = _train_epoch(state, loop)
+                _end_epoch(state, loop, visuals)
+            loop.progress.close()
+
+            # Finish: replicas agree, the task frozen, probes recorded; models/<task>/ and the metrics files.
+            summary = _finish(state, inputs, task, params, paths, tracker, resumed=resume is not None)
+            if rank == 0:
+                snaps.clear()   # the task is done: only the final checkpoint remains
+    return summary
+
+
+def _load_inputs(params: Params, task: str, paths: TaskPaths) -> _Inputs:
+    """The predecessor (checked against params), the task's data loader and its probe inputs."""
+    from piggyback.data.datasets import build_loader, make_train_dataset
+
+    recipe, cfg = task_recipe(params, task), params.train
     model = load_lifelong(paths.prev)
     check_compatible(model, params.model, cfg.method)
     seed = task_seed(params, len(model.tasks))
-    from piggyback.data.datasets import build_loader, make_train_dataset
-
     train_set = make_train_dataset(paths.data, recipe.mode, recipe.direction, params.data, seed)
     loader, sampler = build_loader(train_set, cfg.batch_size, params.data.num_workers, seed=seed)
     probe_in = probes.probe_inputs(paths.data, recipe.mode, recipe.direction, params.data.crop_size, cfg.probe_images)
-    snaps = snapshot.Snapshots(paths.models, task, _fingerprint(params, task, paths, world), world)
-    resume = snaps.load()
-    tracker = open_run(params.mlflow, rank, run_name=run_name or f"train@{task}", tags=default_tags(task),
-                       params=_tracked_params(params, task, world), run_id=resume["run_id"] if resume else None)
-    ok = False
-    try:
-        state = TrainState.build(model, task, recipe, params, device, seed)
-        ddp = D.wrap(state.nets, device, local_rank)
+    return _Inputs(model, loader, sampler, probe_in, load_probes(paths.prev) or {}, seed)
 
-        # Resume: everything the state holds, this rank's part included; else log the parameter counts.
-        if resume is not None:
-            state.load_state_dict(resume)
-            D.print0(f"Resuming {task} from snapshot at epoch {state.epoch + 1}, step {state.step}")
-        else:
-            tracker.log_metrics(state.parameter_counts(), step=0)
 
-        # Epoch loop: the rest of each epoch, then its CSV row, sample grid and learning-rate decay.
-        epochs = recipe.epochs + recipe.epochs_decay
-        total = min(cfg.max_steps or epochs * len(loader), epochs * len(loader))
-        mcfg = mode_config(cfg, recipe.mode)
-        loop = _Loop(models.recipe(recipe.mode), mcfg, cfg, GANLoss(mcfg.gan_mode).to(device), ddp, loader, sampler,
-                     total, epochs, snaps, tracker,
-                     Progress(task, total, state.step, items_per_step=cfg.batch_size * world, enabled=rank == 0))
-        loop.progress.say(f"train@{task}: {recipe.mode} on {recipe.dataset}, {epochs} epochs x {len(loader)} steps "
-                          f"(batch {cfg.batch_size} x {world} rank{'s' * (world > 1)}): {total} steps"
-                          + (f", from step {state.step}" if state.step else ""))
-        while state.epoch < epochs and state.step < total:
-            visuals = _train_epoch(state, loop)
-            _end_epoch(state, loop, visuals)
-        loop.progress.close()
-
-        # Finish: replicas agree, the task frozen, probes recorded; models/<task>/ and the metrics files.
-        summary = _finish(state, model, task, params, paths, probe_in, tracker, seed, resumed=resume is not None)
-        if rank == 0:
-            snaps.clear()   # the task is done: only the final checkpoint remains
-        ok = True
-        return summary
-    finally:
-        tracker.end("FINISHED" if ok else "FAILED")
+def _open_run(params: Params, task: str, world: int, run_name: Optional[str], resume: Optional[dict]) -> Any:
+    """The task's MLflow run: the snapshot's when resuming (no step logged twice), else a new one. Runs of
+    this stage a SIGKILLed trainer left RUNNING are closed first (the caller holds the task's lock)."""
+    rank, run_id = D.get_rank(), resume["run_id"] if resume else None
+    tags = {**default_tags(task), "piggyback.stage": "train"}
+    same_stage = {k: tags[k] for k in ("task", "piggyback.stage", "dvc.exp_name")}
+    closed = close_leftover_runs(params.mlflow, rank, same_stage, keep=run_id)
+    if closed:
+        print(f"train@{task}: closed MLflow run(s) {', '.join(closed)} left RUNNING by a killed trainer (now KILLED)",
+              flush=True)
+    return open_run(params.mlflow, rank, run_name=run_name or f"train@{task}", tags=tags,
+                    params=_tracked_params(params, task, world), run_id=run_id, resume=True)
 
 
 def _train_epoch(state: TrainState, loop: _Loop) -> dict[str, torch.Tensor]:
@@ -222,10 +251,11 @@ def _end_epoch(state: TrainState, loop: _Loop, visuals: dict[str, torch.Tensor])
     state.next_epoch()
 
 
-def _finish(state: TrainState, model: Any, task: str, params: Params, paths: TaskPaths, probe_in: dict,
-            tracker: Any, seed: int, resumed: bool) -> dict:
+def _finish(state: TrainState, inputs: _Inputs, task: str, params: Params, paths: TaskPaths, tracker: Any,
+            resumed: bool) -> dict:
     """Check the replicas, freeze the task, record probes; rank 0 writes models/<task>/ and the metrics files."""
     recipe, cfg, rank, world = task_recipe(params, task), params.train, D.get_rank(), D.get_world_size()
+    model, seed = inputs.model, inputs.seed
     G = state.generators()
     D.average_running_stats(G.values())       # the current task's BatchNorm statistics, all shards
     replicas_agree = D.check_replicas_agree(state.nets)   # raises when they differ
@@ -243,10 +273,10 @@ def _finish(state: TrainState, model: Any, task: str, params: Params, paths: Tas
         "recipe": as_dict(recipe), "steps": state.step, "epochs_done": state.epoch, "world_size": world, "seed": seed})
     summary["params"] = {k: record[k] for k in ("new_params", "stored_params", "separate_params")}
     if rank == 0:
-        task_probes = probes.record_probes(model, task, probe_in)
+        task_probes = probes.record_probes(model, task, inputs.probe_inputs)
         record["probe_sha256"] = {w: p["sha256"] for w, p in task_probes.items()}
         # models/<task>/ holds tasks 1..t and every task's probes (earlier ones carried forward).
-        save_lifelong(model, paths.out, probes={**(load_probes(paths.prev) or {}), task: task_probes},
+        save_lifelong(model, paths.out, probes={**inputs.prev_probes, task: task_probes},
                       extra_meta={"trained_task": task, "world_size": world, "seed": seed})
         tracker.log_metrics({f"params/{k}": v for k, v in summary["params"].items()}, step=state.step)
         tracker.log_dict(record, "task_record.json")

@@ -57,7 +57,7 @@ def test_crash_then_resume_is_exact(tmp_path, monkeypatch, capsys, reference, cr
         return path
 
     monkeypatch.setattr(snapshot, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(SystemExit, match="train@t1: RuntimeError: simulated crash .*resumes from it"):
         run_train("t1", params, models, data, metrics)
     assert not (models / "t1").exists() and (models / ".snapshots" / "t1" / "snapshot.pt").is_file()
     run_id = snapshot.load(models / ".snapshots" / "t1")["run_id"]
@@ -89,7 +89,7 @@ def test_stale_snapshot_is_ignored(tmp_path, monkeypatch, capsys, reference):
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(snapshot, "save", crash)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(SystemExit, match="simulated crash"):
         run_train("t1", params, models, data, tmp_path / "metrics")
     monkeypatch.setattr(snapshot, "save", real_save)
     params = write_params(tmp_path / "params.yaml", TASKS, model=MODEL, train={**TRAIN, "lr": 1e-4})
