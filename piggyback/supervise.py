@@ -79,7 +79,7 @@ def _parent_of(pid: int) -> Optional[int]:
         return None
 
 
-def die_with_parent(grandparent: Optional[int] = None, grace_s: float = 3.0, poll_s: float = 0.5) -> None:
+def die_with_parent(grandparent: Optional[int] = None, grace_s: float = 2.0, poll_s: float = 0.25) -> None:
     """SIGTERM on the parent's death, and a hard exit `grace_s` later if that did not end the process.
 
     `grandparent` (the launcher's PID): when the parent is no longer its child, the parent died before

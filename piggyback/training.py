@@ -27,7 +27,7 @@ from piggyback.config import Params, as_dict, task_recipe
 from piggyback.fsutil import atomic_write_json, atomic_write_text, remove_stale_temps, sha256_file
 from piggyback.losses import GANLoss
 from piggyback.progress import Progress
-from piggyback.trainstate import TrainState, lr_lambda, mode_config  # noqa: F401  (lr_lambda: public here too)
+from piggyback.trainstate import TrainState, mode_config
 from piggyback.tracking import close_leftover_runs, default_tags, ended, flatten, open_run
 
 

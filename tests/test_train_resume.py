@@ -78,6 +78,34 @@ def test_crash_then_resume_is_exact(tmp_path, monkeypatch, capsys, reference, cr
     assert [m.step for m in client.get_metric_history(run_id, "loss/G")] == list(range(1, 13))
 
 
+def test_resumed_run_logs_no_step_twice(tmp_path, monkeypatch, reference):
+    """Steps logged after the last snapshot and before the crash are not logged again by the resumed run."""
+    from mlflow import MlflowClient
+
+    from piggyback.progress import Progress
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    params = write_params(tmp_path / "params.yaml", TASKS, model=MODEL, train=TRAIN, mlflow={"enabled": True})
+    models, metrics = tmp_path / "models", tmp_path / "metrics"
+    run_init(params, models)
+    real_update = Progress.update
+
+    def crash_at_step_5(self, n=1, **postfix):
+        if n and self.n + n == 5:   # steps 1-4 logged, snapshot at step 3
+            raise RuntimeError("simulated crash")
+        real_update(self, n, **postfix)
+
+    monkeypatch.setattr(Progress, "update", crash_at_step_5)
+    with pytest.raises(SystemExit, match="simulated crash"):
+        run_train("t1", params, models, reference["data"], metrics)
+    monkeypatch.setattr(Progress, "update", real_update)
+    run_id = snapshot.load(models / ".snapshots" / "t1")["run_id"]
+    run_train("t1", params, models, reference["data"], metrics)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(run_id, "loss/G")] == list(range(1, 13))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_stale_snapshot_is_ignored(tmp_path, monkeypatch, capsys, reference):
     params = write_params(tmp_path / "params.yaml", TASKS, model=MODEL, train=TRAIN)
     models, data = tmp_path / "models", reference["data"]
