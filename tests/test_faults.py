@@ -25,8 +25,8 @@ from train_helpers import (REPO, generators, make_data, max_abs_diff, run_init, 
                            stage_cmd, stage_env, write_params)
 
 TASKS = {"t1": {"dataset": "daynight", "prev": "init", "mode": "cyclegan"}}
-TRAIN = {"epochs": 3, "epochs_decay": 3, "snapshot_every": 2, "cyclegan": {"pool_size": 2}}   # 24 steps
-STEPS = 24
+TRAIN = {"epochs": 2, "epochs_decay": 2, "snapshot_every": 2, "cyclegan": {"pool_size": 2}}   # 16 steps
+STEPS = 16
 KILL_ON_SAVE = textwrap.dedent("""
     import io, os, signal
     _target = os.environ.get("FAULT_KILL_SAVING")
