@@ -12,7 +12,7 @@ from typing import Optional
 from torch import nn
 
 from .layers import PIGGYBACK_LAYERS, num_unconstrained
-from .networks import GeneratorConfig, build_generator
+from .networks import GeneratorConfig, build_generator, resolve_layer_lams
 from .norms import TaskBatchNorm2d
 
 
@@ -105,8 +105,9 @@ def growth_table(
     cfg = GeneratorConfig(netG=netG, input_nc=input_nc, output_nc=output_nc, ngf=ngf,
                           norm=norm or default_norm(netG), lam=lam, lam_overrides=dict(lam_overrides or {}))
     net = build_generator(cfg)                 # 0 tasks: no weights are allocated
-    specs = [(m.out_channels, m.filter_size, m.has_bias or bias_everywhere, 1.0 if method == "separate" else m.lam)
-             for m in _layers(net)]
+    lams = resolve_layer_lams(cfg, net)
+    specs = [(m.out_channels, m.filter_size, m.has_bias or bias_everywhere, 1.0 if method == "separate" else lam_)
+             for m, lam_ in zip(_layers(net), lams.values())]
     full = sum(layer_new_params(n, d, b, lam_, 1) for n, d, b, lam_ in specs)
     norm_per_task = norm_params_per_task(net)
     rows, stored = [], 0

@@ -17,14 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import check_lam
 from .taskmodule import TaskModule
 
 
 def num_unconstrained(lam: float, n: int) -> int:
     """m = ceil(lam * n), the number of new filters a task adds; immune to float noise (0.1 * 30 -> 3)."""
-    if not 0 < lam <= 1:
-        raise ValueError(f"lambda must be in (0, 1], got {lam!r}")
-    return math.ceil(round(lam * n, 6))
+    return math.ceil(round(check_lam(lam, "lam") * n, 6))
 
 
 def compose_weight(bank: Tensor, mix: Optional[Tensor], new: Tensor, transposed: bool) -> Tensor:
@@ -89,7 +88,6 @@ class _PiggybackConvNd(TaskModule):
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] = 0,
         bias: bool = True,                      # Per-task bias (False before batch norm, as junyanz).
-        lam: float = 0.25,                      # Default unconstrained fraction for tasks >= 2.
         output_padding: int | tuple[int, int] = 0,  # ConvTranspose2d only.
     ):
         super().__init__()
@@ -98,8 +96,6 @@ class _PiggybackConvNd(TaskModule):
         self.kernel_size, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
         self.output_padding = pair(output_padding)
         self.has_bias = bias
-        num_unconstrained(lam, out_channels)    # validates lam
-        self.lam = lam
         self.lams: list[float] = []             # One lambda per task; task 1 is recorded as 1.0.
         self.register_buffer("filter_bank", torch.empty(self._filter_shape(0)))
         self.register_parameter("new_filters", None)
@@ -139,7 +135,9 @@ class _PiggybackConvNd(TaskModule):
     def add_task(self, lam: Optional[float] = None) -> None:
         """Freeze the trainable task (if any), add a new trainable task with fresh N(0, 0.02) tensors, run it."""
         self.freeze()
-        lam = 1.0 if self.num_tasks == 0 else float(self.lam if lam is None else lam)
+        if self.num_tasks and lam is None:
+            raise ValueError("a task after the first needs its lambda (networks.resolve_layer_lams gives it)")
+        lam = 1.0 if self.num_tasks == 0 else float(lam)
         m = num_unconstrained(lam, self.out_channels)
         p = self.out_channels - m
         n_bank = self.bank_rows_before(self.num_tasks + 1)
@@ -263,7 +261,7 @@ class _PiggybackConvNd(TaskModule):
              f"padding={self.padding}")
         if self.transposed:
             s += f", output_padding={self.output_padding}"
-        return s + f", bias={self.has_bias}, lam={self.lam}, tasks={self.lams}, active={self.active_task}"
+        return s + f", bias={self.has_bias}, lams={self.lams}, active={self.active_task}"
 
 
 class PiggybackConv2d(_PiggybackConvNd):
@@ -271,8 +269,8 @@ class PiggybackConv2d(_PiggybackConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                 bias: bool = True, lam: float = 0.25):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam)
+                 bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding)
@@ -298,8 +296,8 @@ class PiggybackConvTranspose2d(_PiggybackConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                 output_padding: int | tuple[int, int] = 0, bias: bool = True, lam: float = 0.25):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam, output_padding)
+                 output_padding: int | tuple[int, int] = 0, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, output_padding)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)

@@ -91,7 +91,7 @@ _AVERAGE = textwrap.dedent("""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     net = nn.Sequential(TaskBatchNorm2d(3))
-    net[0].add_task(); net[0].add_task()                    # task 1 frozen, task 2 trainable
+    net[0].add_task(); net[0].add_task(0.25)                # task 1 frozen, task 2 trainable
     frozen = {n: b.clone() for n, b in net.named_buffers() if n.endswith("_1")}
     with torch.no_grad():
         net[0].running_mean.fill_(float(rank + 1)); net[0].running_var.fill_(float(10 * (rank + 1)))
