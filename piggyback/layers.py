@@ -132,9 +132,8 @@ class _PiggybackConvNd(TaskModule):
         return sum(self.num_new(s) for s in range(1, t))
 
     # -- task operations ---------------------------------------------------------------------------
-    def add_task(self, lam: Optional[float] = None) -> None:
-        """Freeze the trainable task (if any), add a new trainable task with fresh N(0, 0.02) tensors, run it."""
-        self.freeze()
+    def _new_task(self, lam: Optional[float]) -> None:
+        """Fresh trainable tensors for a task of lambda `lam` (1.0 for task 1): m new filters, the mixing matrix."""
         if self.num_tasks and lam is None:
             raise ValueError("a task after the first needs its lambda (networks.resolve_layer_lams gives it)")
         lam = 1.0 if self.num_tasks == 0 else float(lam)
@@ -146,8 +145,6 @@ class _PiggybackConvNd(TaskModule):
         self.new_filters = nn.Parameter(torch.empty(self._filter_shape(m), **like))
         self.mix_weights = nn.Parameter(torch.empty(n_bank, p, **like)) if p > 0 else None
         self.bias = nn.Parameter(torch.empty(self.out_channels, **like)) if self.has_bias else None
-        self.trainable_task = self.active_task = self.num_tasks
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
