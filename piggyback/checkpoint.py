@@ -1,7 +1,7 @@
 """Lifelong checkpoints: one folder per task holding tasks 1..t as state dicts + JSON metadata.
 
 Follows nanoGPT / nanochat (the checkpoint carries its config; the network is rebuilt from it, never
-unpickled) and STYLE.md 12. Layout (docs/architecture.md, Checkpoints):
+unpickled). Layout (docs/architecture.md, Checkpoints):
     generators.pt   {"G_A": state_dict, "G_B": state_dict}   (torch.load(weights_only=True))
     probes.pt       optional {task: tensors} written by training, checked by the audit
     meta.json       format_version, config, method, per-bank lambdas, task records (counts, tensor

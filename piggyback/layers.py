@@ -1,9 +1,9 @@
 """Piggyback convolutions: each task's filters = new unconstrained filters + combinations of a frozen bank.
 
 Implements one layer of Zhai et al., "Piggyback GAN: Efficient Lifelong Learning for Image Conditioned
-Generation", ECCV 2020 (arXiv 2104.11939), as written in DESIGN.md section 2.1. Unlike the public code
-(reference/piggyback.md section 2) the piggyback filters are true combinations of bank filters (bug B1)
-and every task keeps its own bias (bug B3).
+Generation", ECCV 2020 (arXiv 2104.11939), as docs/method.md states it. Unlike the public code the
+piggyback filters are true combinations of bank filters and every task keeps its own bias (docs/method.md,
+"Piggyback filters in the span of the bank" and "Every per-task tensor stored").
 
 Paper symbols -> names here: F (filter bank) -> `filter_bank`, unconstrained filters U_t -> `new_filters`,
 piggyback weight matrix W_t -> `mix_weights`, lambda -> `lam`, m = ceil(lam * n), p = n - m.
@@ -27,7 +27,7 @@ def num_unconstrained(lam: float, n: int) -> int:
 
 
 def compose_weight(bank: Tensor, mix: Optional[Tensor], new: Tensor, transposed: bool) -> Tensor:
-    """Dense weight of one task: W = cat([U, P]) along the filter axis (DESIGN.md 2.1).
+    """Dense weight of one task: W = cat([U, P]) along the filter axis (docs/method.md).
 
     Conv2d (filters on dim 0):          P = einsum('nchw,np->pchw', bank, mix)
     ConvTranspose2d (filters on dim 1): P = einsum('cnhw,np->cphw', bank, mix)

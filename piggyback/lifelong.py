@@ -1,6 +1,6 @@
 """Lifelong generators: task operations on whole networks and the multi-task model every stage shares.
 
-Implements the task life cycle of Piggyback GAN (Zhai et al., ECCV 2020; DESIGN.md 2.1): add a task,
+Implements the task life cycle of Piggyback GAN (Zhai et al., ECCV 2020; docs/method.md): add a task,
 train only its tensors, freeze it into the bank, and run any learned task again later, exactly. The
 baselines of the paper's Fig. 1 share the same code: "separate" (lambda 1 on every layer: a full new
 generator per task) and "finetune" (one slot re-trained by every task, so earlier tasks are overwritten).

@@ -1,8 +1,8 @@
 """Lifelong generators: junyanz's ResnetGenerator and UnetGenerator with every conv a piggyback layer.
 
 Layer layout, bias rule and module names follow junyanz/pytorch-CycleGAN-and-pix2pix `models/networks.py`
-(reference/reference.md 1.1-1.3) exactly, so a pretrained `latest_net_G.pth` maps key by key onto these
-modules. The residual and U-Net skips are kept (bug B2 of the public Piggyback code flattened them away).
+exactly, so a pretrained `latest_net_G.pth` maps key by key onto these modules. The residual and U-Net
+skips are kept (the public Piggyback code flattened them away: docs/method.md, "Skips kept").
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ class ResnetBlock(nn.Module):
         self.conv_block = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv_block(x)   # the skip (dropped by the public code, bug B2)
+        return x + self.conv_block(x)   # the skip (dropped by the public code: docs/method.md, "Skips kept")
 
 
 class ResnetGenerator(nn.Module):
-    """c7s1-ngf, d2ngf, d4ngf, n_blocks x R4ngf, u2ngf, u ngf, c7s1-output_nc, Tanh (reference.md 1.2)."""
+    """c7s1-ngf, d2ngf, d4ngf, n_blocks x R4ngf, u2ngf, u ngf, c7s1-output_nc, Tanh (junyanz's notation)."""
 
     def __init__(
         self,

@@ -1,9 +1,9 @@
 """Per-task batch normalisation: every task keeps its own affine parameters and running statistics.
 
-The public Piggyback code never stores norm state per task (bug B3, reference/piggyback.md 2.4), so
+The public Piggyback code never stores norm state per task (docs/method.md, "Every per-task tensor stored"), so
 earlier tasks come back with the wrong statistics. Here task s's BatchNorm state is kept in buffers
 and is never updated again, even in train mode; the trainable task behaves exactly like junyanz's
-`nn.BatchNorm2d(affine=True, track_running_stats=True)` (reference.md 1.1).
+`nn.BatchNorm2d(affine=True, track_running_stats=True)`.
 """
 from __future__ import annotations
 

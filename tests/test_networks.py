@@ -1,4 +1,4 @@
-"""Generators and discriminators: junyanz layout and parameter counts (reference/reference.md 1.2-1.6)."""
+"""Generators and discriminators: junyanz layout and parameter counts (junyanz's)."""
 import pytest
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ def _trainable(net):
 @pytest.mark.parametrize("netG, norm, conv_params, norm_params", [
     ("resnet_9blocks", "instance", 11_378_179, 0),
     ("resnet_6blocks", "instance", 7_837_699, 0),
-    ("unet_256", "batch", 54_404_099, 9_856),   # 54,413,955 with BatchNorm affine (junyanz, reference.md 1.6)
+    ("unet_256", "batch", 54_404_099, 9_856),   # 54,413,955 with BatchNorm affine (junyanz)
     ("unet_128", "batch", 41_821_187, 7_808),   # 41,828,995
 ])
 def test_task1_parameter_counts_equal_the_reference(netG, norm, conv_params, norm_params):
@@ -75,7 +75,7 @@ def test_generator_init_is_normal_002():
 
 
 def test_resnet_keeps_its_skips_and_junyanz_names():
-    """Bug B2: the public code flattened ResnetBlocks into a plain CNN. Zero conv weights -> identity block."""
+    """Skips kept (docs/method.md): the public code flattened ResnetBlocks into a plain CNN. Zero conv weights -> identity block."""
     net = _task1(GeneratorConfig(netG="resnet_6blocks", ngf=4))
     names = piggyback_layer_names(net)
     assert names[0] == "model.1" and names[-1] == "model.23" and "model.10.conv_block.5" in names

@@ -58,7 +58,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_replica_check_detects_unsynchronised_gradients(tmp_path):
-    """Calling `.module` (bug B4) leaves replicas apart; the check before saving must catch it."""
+    """Calling `.module` (docs/method.md, "DDP bypass") leaves replicas apart; the check before saving must catch it."""
     script = tmp_path / "b4.py"
     script.write_text(textwrap.dedent("""
         import torch

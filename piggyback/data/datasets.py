@@ -1,6 +1,6 @@
 """Loaders over prepared datasets: unaligned (CycleGAN) and aligned (pix2pix), test sets, target images.
 
-Transforms follow junyanz `data/base_dataset.py` (reference.md 4): train = resize to (load_size, load_size)
+Transforms follow junyanz `data/base_dataset.py`: train = resize to (load_size, load_size)
 bicubic, random crop to crop_size, random horizontal flip; test = resize to (crop_size, crop_size) only;
 then scaled to [-1, 1]. Unlike the reference, every random choice (the B partner of an unaligned sample,
 crop offsets, flips) comes from a generator seeded by (seed, epoch, index) rather than the global RNG, so a

@@ -1,6 +1,6 @@
 """Prepare a raw dataset for training: check every image, convert to RGB, fix the splits, write a manifest.
 
-Input layouts (reference.md 4-5): unpaired ``trainA/ trainB/ testA/ testB/`` (CycleGAN archives, user
+Input layouts (junyanz's): unpaired ``trainA/ trainB/ testA/ testB/`` (CycleGAN archives, user
 folders, the embedded suite, which adds ``testA_truth/ testB_truth/``); paired ``train/ test/`` or
 ``train/ val/`` with A|B side by side (pix2pix archives: val is the test split when test/ is missing); or
 ``A/ B/`` with matching file names (flat, or with train/ test/ sub-folders), combined here into A|B.
