@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from . import fid as fidlib
 from .checkpoint import load_lifelong
-from .config import EvalConfig, MlflowConfig, Params, task_recipe
+from .config import EvalConfig, MlflowConfig, Params, dataset_data, task_recipe
+from .donothing import do_nothing_scores
 from .fsutil import atomic_directory, atomic_path, sha256_file
 from .imagemetrics import SSIM_WINDOW, l1, mean_psnr, psnr, ssim
 from .kid import kid
@@ -248,7 +249,7 @@ def evaluate_task(params: Params, task: str, ckpt_dir: Union[str, Path], data_di
     """Translate the task's test split (G_A; and G_B for CycleGAN tasks, keys prefixed ``reverse_``) and score it.
 
     Args:
-        params: validated params.yaml (reads eval, data.crop_size, tasks.<task>).
+        params: validated params.yaml (reads eval, data.crop_size or the dataset's, tasks.<task>).
         task: task id; the checkpoint `ckpt_dir` must hold it with the mode/direction/dataset params give.
         data_dir: the task's prepared dataset. out_dir: replaced atomically with fake_B/, real_B/, grid.png
             (and fake_A/, real_A/, grid_reverse.png). cache_dir: cached real-image Inception features.
@@ -258,7 +259,8 @@ def evaluate_task(params: Params, task: str, ckpt_dir: Union[str, Path], data_di
     """
     from .data.datasets import TestSet, target_images
 
-    cfg, size, recipe = params.eval, params.data.crop_size, task_recipe(params, task)
+    cfg, recipe = params.eval, task_recipe(params, task)
+    size = dataset_data(params, recipe.dataset).crop_size
     device = torch.device(device) if device is not None else default_device()
     fm = fid_model or load_fid_model(cfg.fid_weights, cfg.require_fid, device)  # fails before any work
     if cfg.require_fid and not fm.official:
@@ -279,7 +281,8 @@ def evaluate_task(params: Params, task: str, ckpt_dir: Union[str, Path], data_di
             target = "B" if (recipe.direction == "AtoB") != reverse else "A"
             key_parts = {"dataset": recipe.dataset, "split": "test", "domain": target, "resolution": size}
             part = {"n_test": len(split.files), "n_reference": len(reals),
-                    **fid_kid(split.files, reals, fm, cfg, key_parts, cache_dir, device, progress), **split.metrics}
+                    **fid_kid(split.files, reals, fm, cfg, key_parts, cache_dir, device, progress), **split.metrics,
+                    **do_nothing_scores(testset, data_dir, recipe.direction, size, reverse, cfg.batch_size, device)}
             metrics.update({f"{prefix}{k}": v for k, v in part.items()})
             if split.samples:
                 save_png(tmp / grid_name, sample_grid(split.samples))

@@ -18,14 +18,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 from piggyback.config import Params
+from piggyback.donothing import REFERENCES, SCORES, reference_markdown
 from piggyback.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from piggyback.metricsfile import numbers_only, read_record
 
 QUALITY = ("fid", "kid", "l1", "psnr", "ssim")
+DO_NOTHING = tuple(f"{ref}_{s}" for ref in REFERENCES for s in SCORES)   # identity_l1, mean_target_l1, ...
+# Quality and size first: the columns a reader looks for (MLflow's table view and `dvc exp show` cut the rest).
 COLUMNS = (
-    "name", "dataset", "mode", "direction", "fid", "kid", "kid_std", "l1", "psnr", "ssim",
-    "new_params", "stored_params", "separate_params", "stored_vs_separate",
+    "name", "l1", "psnr", "ssim", "fid", "kid", "kid_std", "stored_params", "new_params", "separate_params",
+    "stored_vs_separate", *DO_NOTHING, "dataset", "mode", "direction",
     "forgetting_max_abs_diff", "forgetting_exact", "final_l1", "forgetting_l1", "mlflow_run_id",
 )
+PER_TASK = ("l1", "psnr", "ssim", "fid", "kid", "stored_params", "new_params", *DO_NOTHING)   # metrics/per_task.json
 # Per-task numbers compared across methods (piggyback / separate / finetune), read back from MLflow.
 COMPARED = ("fid", "l1", "final_l1", "forgetting_l1", "stored_params", "forgetting_max_abs_diff")
 
@@ -67,16 +72,16 @@ def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
     if meta is None:
         raise FileNotFoundError(f"{meta_path} not found: run `dvc repro train@{order[-1]}` first")
     records = _task_records(meta)
-    forgetting = (_read_json(metrics_dir / "forgetting.json") or {}).get("tasks", {})
+    forgetting = (read_record(metrics_dir, "forgetting.json") or {}).get("tasks", {})
     rows = []
     imported = [r["name"] for r in meta.get("tasks", []) if r["name"] not in params.tasks]  # model.init_from
     for name in imported + order:
         task = params.tasks.get(name) or _Imported(records[name])
-        ev = _read_json(metrics_dir / "tasks" / f"{name}.json") or {}
+        ev = read_record(metrics_dir, f"tasks/{name}.json") or {}
         if name in imported:
             ev = {"fid_reason": "imported by model.init_from: not trained or evaluated by this pipeline",
                   "gt_reason": "imported by model.init_from: not trained or evaluated by this pipeline"}
-        tr = _read_json(metrics_dir / "train" / f"{name}.json") or {}
+        tr = read_record(metrics_dir, f"train/{name}.json") or {}
         rec = records.get(name)
         if rec is None:
             raise ValueError(f"{meta_path}: task {name!r} is missing from the final checkpoint")
@@ -91,6 +96,7 @@ def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
             if row[key] is None:
                 row[f"{key}_reason"] = ev.get(f"{key}_reason") or ev.get("fid_reason" if key in ("fid", "kid") else "gt_reason") \
                     or ("evaluation missing" if not ev else "not reported")
+        row.update({key: _finite(ev.get(key)) for key in DO_NOTHING})
         for key in ("new_params", "stored_params", "separate_params"):
             row[key] = rec.get(key)
         sep = row["separate_params"]
@@ -214,6 +220,9 @@ def to_markdown(summary: dict) -> str:
     reasons = sorted({f"{k[:-7]}: {v}" for r in summary["tasks"] for k, v in r.items() if k.endswith("_reason")})
     if reasons:
         lines += ["", "n/a means unavailable:"] + [f"- {r}" for r in reasons]
+    reference = reference_markdown(summary["tasks"], _fmt)
+    if reference:
+        lines += ["", reference.rstrip("\n")]
     lines += ["", "L1 is the mean absolute error on [0, 1] against the true target image; PSNR in dB; "
               "stored params count conv weights and biases of every task kept (norm parameters excluded)."]
     if len(summary.get("comparison", {}).get("methods", [])) > 1:
@@ -297,14 +306,22 @@ def _comparison_plot(plt, comparison: dict, path: Path) -> Path:
 
 
 def write_report(summary: dict, metrics_dir: Path) -> list[Path]:
-    """summary.json / summary.md / growth.csv / quality.csv / growth.png / quality.png in metrics_dir."""
+    """summary.json (with names: a plain out) / per_task.json (numbers: the DVC metrics) / summary.md /
+    growth.csv / quality.csv / growth.png / quality.png in metrics_dir."""
     metrics_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(metrics_dir / "summary.json", summary)
+    atomic_write_json(metrics_dir / "per_task.json", per_task_metrics(summary))
     atomic_write_text(metrics_dir / "summary.md", to_markdown(summary))
     rows = [{"task": i, **r} for i, r in enumerate(summary["tasks"], 1)]   # x axis of the DVC plots
     _write_csv(metrics_dir / "growth.csv", rows, ["task", "name", "new_params", "stored_params", "separate_params"])
     _write_csv(metrics_dir / "quality.csv", rows, ["task", "name", "fid", "kid", "l1", "psnr", "ssim"])
-    return [metrics_dir / n for n in ("summary.json", "summary.md", "growth.csv", "quality.csv")] + _plots(summary, metrics_dir)
+    return [metrics_dir / n for n in ("summary.json", "per_task.json", "summary.md", "growth.csv", "quality.csv")] \
+        + _plots(summary, metrics_dir)
+
+
+def per_task_metrics(summary: dict) -> dict:
+    """metrics/per_task.json, what `dvc exp show` lists: numbers only, keyed by task (``t1.l1``, ...)."""
+    return {r["name"]: numbers_only({k: r.get(k) for k in PER_TASK}) for r in summary["tasks"]}
 
 
 def sample_sheet(summary: dict, translated_dir: Path, out: Path) -> Path:

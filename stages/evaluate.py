@@ -19,7 +19,7 @@ from pathlib import Path
 from piggyback.checkpoint import CheckpointError
 from piggyback.config import ConfigError, load_params, task_recipe
 from piggyback.evaluation import FidUnavailableError, evaluate_task, log_evaluation
-from piggyback.fsutil import atomic_write_json
+from piggyback.metricsfile import write_metrics
 from piggyback.tracking import repo_root
 
 
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, CheckpointError, FidUnavailableError, StageError, FileNotFoundError, ValueError) as e:
         sys.exit(f"evaluate@{task}: {e}")
     m = result.metrics
-    out_json = args.metrics / "tasks" / f"{task}.json"
-    atomic_write_json(out_json, m)
+    out_json = write_metrics(args.metrics, f"tasks/{task}.json", m)   # text (reasons, hashes) in metrics/info/
     note = log_evaluation(params.mlflow, result.run_id, m, result.artifacts)
     fid = _fmt(m, "fid") if m["fid"] is not None else f"n/a ({m['fid_reason']})"
     print(f"evaluate@{task}: {m['n_test']} test images; FID {fid}; KID {_fmt(m, 'kid')}; L1 {_fmt(m, 'l1')}, "

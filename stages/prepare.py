@@ -28,9 +28,13 @@ def main(argv: list[str] | None = None) -> None:
         params = load_params(args.params)
         if args.dataset not in params.datasets:
             raise ConfigError(f"datasets.{args.dataset}: no such dataset in {args.params}")
+        ds = params.datasets[args.dataset]
+        print(f"prepare@{args.dataset}: checking and converting every image of "
+              f"{ds.path if ds.source == 'folder' else Path(args.raw_root) / args.dataset} "
+              f"(about a second per thousand images) ...", flush=True)
         manifest = prepare_dataset(Path(args.raw_root) / args.dataset, Path(args.prepared_root) / args.dataset,
-                                   dataset=args.dataset, bad_images=params.data.bad_images,
-                                   resize=params.datasets[args.dataset].resize)
+                                   dataset=args.dataset, bad_images=params.data.bad_images, resize=ds.resize,
+                                   origin=ds.path if ds.source == "folder" else None)
     except (OSError, ValueError) as e:  # layout errors, bad images under "stop", empty splits
         sys.exit(f"prepare@{args.dataset}: {e}")
     for bad in manifest["bad_files"]:

@@ -104,7 +104,7 @@ def run_stage(root: Path, tmp: Path, task: str, params: Path) -> dict:
 
     main([task, "--params", str(params), "--models", str(root / "models"), "--data", str(root / "prepared"),
           "--metrics", str(tmp / "metrics"), "--out", str(tmp / "translated"), "--fid-cache", str(tmp / "fid_cache")])
-    return json.loads((tmp / "metrics" / "tasks" / f"{task}.json").read_text())
+    return json.loads((tmp / "metrics" / "info" / "tasks" / f"{task}.json").read_text())
 
 
 def test_offline_without_weights_records_fid_unavailable(chain, tmp_path, offline):
