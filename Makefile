@@ -8,10 +8,11 @@ export DVC_NO_ANALYTICS := 1
 setup: $(VENV)/.installed
 
 # torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml (pip takes them from the local wheel cache when present).
+# No -q: torch alone takes minutes to install, and pip's "Collecting ..." lines show it is alive.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
 	touch $@
 
 repro: setup

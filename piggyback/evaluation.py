@@ -28,6 +28,7 @@ from .donothing import do_nothing_scores
 from .fsutil import atomic_directory, atomic_path, sha256_file
 from .imagemetrics import SSIM_WINDOW, l1, mean_psnr, psnr, ssim
 from .kid import kid
+from .progress import progress_bar, track
 
 KID_SEED = 0                        # Fixed, not base.seed: KID subsets are part of the metric's definition.
 NONOFFICIAL = "_nonofficial_weights"  # Suffix of values computed with stand-in Inception weights.
@@ -174,7 +175,6 @@ def translate_split(net: nn.Module, testset, out_dir: Optional[Path], batch_size
     """Run `net` over a `data.datasets.TestSet`: PNGs ``<out_dir>/<stem>.png`` (None: write nothing), means
     of L1 / PSNR / SSIM against the true outputs when every item has one, the first `grid_images` samples."""
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     from .data.datasets import collate_test
 
@@ -187,7 +187,8 @@ def translate_split(net: nn.Module, testset, out_dir: Optional[Path], batch_size
     res, per_image = SplitResult(), {"l1": [], "psnr": [], "ssim": []}
     grid = {"A": [], "fake": [], "B": []}
     loader = DataLoader(testset, batch_size=batch_size, shuffle=False, collate_fn=collate_test)
-    for batch in tqdm(loader, desc="translate", unit="batch", disable=None if progress else True):
+    bar = progress_bar(len(testset), "translate", "img", enabled=progress)
+    for batch in loader:
         fake = net(batch["A"].to(device)).float().cpu()                 # (B, C, H, W) in [-1, 1]
         if out_dir is not None:
             for name, pixels in zip(batch["name"], to_uint8(fake)):
@@ -204,6 +205,8 @@ def translate_split(net: nn.Module, testset, out_dir: Optional[Path], batch_size
             grid["fake"].append(fake[:room])
             if batch["B"] is not None:
                 grid["B"].append(batch["B"][:room])
+        bar.update(len(batch["name"]))
+    bar.close()
     res.metrics = _gt_means(per_image, testset)
     if grid["A"]:
         res.samples = [torch.cat(grid[k]) for k in ("A", "fake", "B") if grid[k]]
@@ -367,8 +370,6 @@ def translate_folder(checkpoint: Union[str, Path], task: str, input_dir: Union[s
     files, raised before anything is written; images are not resized, so the pixels are the user's.
     `which`: "G_A" (the task's direction) or "G_B" (the reverse, CycleGAN tasks). Returns the written paths.
     """
-    from tqdm.auto import tqdm
-
     from .data.prepare import is_image
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -407,7 +408,7 @@ def translate_folder(checkpoint: Union[str, Path], task: str, input_dir: Union[s
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.no_grad():
-        for p in tqdm(files, desc=f"translate {task}", unit="img", disable=None):
+        for p in track(files, f"translate {task}", "img"):
             x = _load_input(p, cfg.input_nc).to(device)                      # (1, C, H, W)
             y = net(x)
             if y.shape[-2:] != x.shape[-2:]:  # a safety net behind input_multiple

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
             raise StageError(f"{ckpt} not found: run `dvc repro train@{task}` first")
         if not data.is_dir():
             raise StageError(f"{data} not found: run `dvc repro prepare@{recipe.dataset}` first")
+        print(f"evaluate@{task}: translating the test split of {recipe.dataset} ({recipe.mode} {recipe.direction}"
+              f"{', both directions' if recipe.mode == 'cyclegan' else ''}), scoring L1 / PSNR / SSIM, the do-nothing "
+              f"reference and FID / KID when the Inception weights are at hand (seconds to minutes) ...", flush=True)
         result = evaluate_task(params, task, ckpt, data, args.out / task,
                                args.fid_cache or repo_root() / "data" / "fid_cache")
     except (ConfigError, CheckpointError, FidUnavailableError, StageError, FileNotFoundError, ValueError) as e:
