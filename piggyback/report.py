@@ -249,11 +249,12 @@ def _plots(summary: dict, out_dir: Path) -> list[Path]:
     names = [r["name"] for r in rows]
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(names, [r["stored_params"] / 1e6 for r in rows], "o-", label=f"piggyback ({summary['method']})")
-    ax.plot(names, [r["separate_params"] / 1e6 for r in rows], "s--", label="separate models")
+    ax.plot(names, [r["stored_params"] / 1e6 for r in rows], "o-", label=f"stored by this run ({summary['method']})")
+    ax.plot(names, [r["separate_params"] / 1e6 for r in rows], "s--", label="one separate model per task")
     ax.set_xlabel("after task")
     ax.set_ylabel("stored parameters (M)")
     ax.set_title("Parameter growth")
+    ax.set_ylim(bottom=0)   # growth read against zero, not against the first task
     ax.legend()
     fig.tight_layout()
     paths.append(out_dir / "growth.png")
@@ -261,12 +262,17 @@ def _plots(summary: dict, out_dir: Path) -> list[Path]:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
-    metrics = [m for m in ("l1", "ssim", "fid") if any(r[m] is not None for r in rows)]
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(3.2 * max(len(metrics), 1), 3.2))
+    metrics = [m for m in ("l1", "psnr", "ssim", "fid") if any(r[m] is not None for r in rows)]
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(3.4 * max(len(metrics), 1), 3.4))
     axes = axes if hasattr(axes, "__len__") else [axes]
     for ax, m in zip(axes, metrics):
-        ax.bar(names, [r[m] if r[m] is not None else 0.0 for r in rows], color="#4c72b0")
-        ax.set_title(m.upper() + (" (lower is better)" if m in ("l1", "fid") else ""))
+        ax.bar(names, [r[m] if r[m] is not None else 0.0 for r in rows], color="#4c72b0", label="model")
+        same = [r.get(f"identity_{m}") for r in rows]
+        if any(v is not None for v in same):
+            ax.scatter(names, [v if v is not None else float("nan") for v in same], marker="_", s=300,
+                       color="#dd8452", zorder=3, label="input unchanged")
+            ax.legend(fontsize=7)
+        ax.set_title(m.upper() + (" (lower is better)" if m in ("l1", "fid") else " (higher is better)"))
     if not metrics:
         axes[0].text(0.5, 0.5, "no quality metric available", ha="center")
     fig.suptitle("Quality per task")
@@ -314,7 +320,8 @@ def write_report(summary: dict, metrics_dir: Path) -> list[Path]:
     atomic_write_text(metrics_dir / "summary.md", to_markdown(summary))
     rows = [{"task": i, **r} for i, r in enumerate(summary["tasks"], 1)]   # x axis of the DVC plots
     _write_csv(metrics_dir / "growth.csv", rows, ["task", "name", "new_params", "stored_params", "separate_params"])
-    _write_csv(metrics_dir / "quality.csv", rows, ["task", "name", "fid", "kid", "l1", "psnr", "ssim"])
+    _write_csv(metrics_dir / "quality.csv", rows, ["task", "name", "fid", "kid", "l1", "psnr", "ssim",
+                                                  "identity_l1", "identity_psnr", "identity_ssim"])
     return [metrics_dir / n for n in ("summary.json", "per_task.json", "summary.md", "growth.csv", "quality.csv")] \
         + _plots(summary, metrics_dir)
 
@@ -350,8 +357,9 @@ def sample_sheet(summary: dict, translated_dir: Path, out: Path) -> Path:
     draw, y = ImageDraw.Draw(sheet), pad
     for r, g in grids:
         sheet.paste(g, (label_w, y))
-        lines = [r["name"], f"{r['dataset']}", f"{r['mode']} {r['direction']}",
-                 f"L1 {_fmt(r.get('l1'))}", "rows: input,", "output, truth"]
+        # The grid has a truth row only where true outputs exist, i.e. where L1 could be computed.
+        rows = ["rows: input,", "output, truth"] if r.get("l1") is not None else ["rows: input,", "output"]
+        lines = [r["name"], f"{r['dataset']}", f"{r['mode']} {r['direction']}", f"L1 = {_fmt(r.get('l1'))}", *rows]
         for i, text in enumerate(lines):
             draw.text((6, y + 4 + 14 * i), text, fill="black")
         y += g.height + pad
@@ -376,9 +384,12 @@ def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Option
     if not params.mlflow.enabled:
         return None
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
-    tracker = tracking.open_run(params.mlflow, rank=0, run_name=f"pipeline:{exp_name}", tags={
-        "kind": "pipeline", "method": summary["method"], "suite": summary["suite"], "git.commit": _git_commit() or "unknown",
-        "dvc.exp_name": exp_name, "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", _git_commit() or ""),
+    commit = _git_commit()
+    # Named after what it is: the DVC experiment, else the commit `dvc repro` ran on.
+    label = os.environ.get("DVC_EXP_NAME") or (commit[:7] if commit else "workspace")
+    tracker = tracking.open_run(params.mlflow, rank=0, run_name=f"pipeline:{label}", tags={
+        "kind": "pipeline", "method": summary["method"], "suite": summary["suite"], "git.commit": commit or "unknown",
+        "dvc.exp_name": exp_name, "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", commit or ""),
         "tasks": ",".join(r["name"] for r in summary["tasks"]),
     })
     try:

@@ -100,20 +100,29 @@ class Tracker(NullTracker):
         self.client.set_terminated(self.run_id, status)
 
 
+# MLflow 3 opens an experiment without this tag on its GenAI overview (traces, evaluations); with it,
+# on the runs table. The value is the UI's "custom model development" kind.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: Any, name: str) -> str:
-    """Get or create the experiment, its artifacts under <repo root>/mlartifacts (fixed at creation)."""
+    """Get or create the experiment, its artifacts under <repo root>/mlartifacts (fixed at creation), of the
+    model-training kind (also set on older experiments that have no kind)."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=(repo_root() / "mlartifacts").as_uri())
-    except MlflowException:  # another process created it between our lookup and create
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=(repo_root() / "mlartifacts").as_uri(),
+                                            tags=EXPERIMENT_KIND)
+        except MlflowException:  # another process created it between our lookup and create
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in exp.tags:   # a kind the user chose is kept
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def open_run(

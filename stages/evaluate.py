@@ -5,9 +5,9 @@
 
 Reads ``eval``, ``data.crop_size``, ``tasks.<task>`` and ``mlflow`` from params.yaml; the path flags exist
 for tests. Writes data/translated/<task>/ (fake_B/, real_B/, grid.png; fake_A/, real_A/, grid_reverse.png
-for CycleGAN tasks) and metrics/tasks/<task>.json, and logs the same numbers into the task's training run
-in MLflow. Real-image Inception features are cached in data/fid_cache/ under the repository root
-($DVC_ROOT), not a DVC output. Without the FID Inception weights FID / KID are null with the reason
+for CycleGAN tasks) and metrics/tasks/<task>.json (numbers; the full record in metrics/info/tasks/), and
+logs them into an MLflow run `evaluate:<task>` nested under the task's training run. Real-image Inception
+features are cached in data/fid_cache/ under the repository root ($DVC_ROOT), not a DVC output. Without the FID Inception weights FID / KID are null with the reason
 (the stage fails instead when eval.require_fid is set).
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"evaluate@{task}: {e}")
     m = result.metrics
     out_json = write_metrics(args.metrics, f"tasks/{task}.json", m)   # text (reasons, hashes) in metrics/info/
-    note = log_evaluation(params.mlflow, result.run_id, m, result.artifacts)
+    note = log_evaluation(params.mlflow, task, result.run_id, m, result.artifacts)
     fid = _fmt(m, "fid") if m["fid"] is not None else f"n/a ({m['fid_reason']})"
     print(f"evaluate@{task}: {m['n_test']} test images; FID {fid}; KID {_fmt(m, 'kid')}; L1 {_fmt(m, 'l1')}, "
           f"PSNR {_fmt(m, 'psnr')}, SSIM {_fmt(m, 'ssim')} -> {out_json}; {note}", flush=True)
