@@ -281,7 +281,8 @@ def prepare_dataset(raw_root: str | Path, out_root: str | Path, dataset: str = "
             else:
                 files[r["rel"]] = {"sha256": r["sha256"], "bytes": r["bytes"], "size": r["size"]}
         if origin is not None:  # the user's own file, not the copy under data/raw/
-            bad = [dict(b, path=str(Path(origin) / Path(b["path"]).relative_to(raw))) for b in bad]
+            bad = [{"path": str(Path(origin) / Path(b["path"]).relative_to(raw)),
+                    "reason": b["reason"].replace(str(raw), str(origin))} for b in bad]   # PIL names the file too
         splits = UNPAIRED_SPLITS + tuple(TRUTH_SPLITS) if layout == "unpaired" else PAIRED_SPLITS
         counts = {s: sum(1 for rel in files if rel.split("/", 1)[0] == s) for s in splits}
         truth = layout == "paired" or any(counts.get(t, 0) for t in TRUTH_SPLITS)
