@@ -46,7 +46,7 @@ def mean_target(prepared_root: Union[str, Path], direction: str, size: int, reve
 def do_nothing_scores(testset, prepared_root: Union[str, Path], direction: str, size: int, reverse: bool = False,
                       batch_size: int = 50, device: Any = None) -> dict[str, Optional[float]]:
     """``identity_<score>`` and ``mean_target_<score>`` on `testset` (a `TestSet`); {} without true outputs."""
-    from .evaluation import translate_split
+    from .scoring import translate_split
 
     if not testset.has_truth:
         return {}
