@@ -209,7 +209,7 @@ def test_exp_run_adding_a_task_runs_only_its_stages(repo, first_repro):
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=_env(repo), capture_output=True,
                            text=True, check=True, timeout=300).stdout
     text = json.dumps(json.loads(shown))
-    for name in ("t2-longer", "four-tasks", "metrics/tasks/t4.json", "metrics/summary.json"):
+    for name in ("t2-longer", "four-tasks", "metrics/tasks/t4.json", "metrics/per_task.json"):
         assert name in text, name
 
     # Each experiment logged its own pipeline run, tagged with the experiment's name.
