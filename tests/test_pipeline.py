@@ -129,7 +129,9 @@ def test_metrics_files_hold_numbers_only(repo, first_repro):
     narrow. Names, hashes and reasons are in the metrics/info/ sidecars."""
     shown = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=_env(repo),
                                       capture_output=True, text=True, check=True, timeout=300).stdout)
-    files = set(shown["workspace"]["data"])
+    (workspace,) = shown.values()                       # keyed by revision ("" for the workspace)
+    assert not [rel for rel, v in workspace["data"].items() if "error" in v], workspace
+    files = set(workspace["data"])
     assert {"metrics/per_task.json", "metrics/tasks/t1.json", "metrics/train/t2.json", "metrics/forgetting.json"} <= files
     for rel in files:
         data = json.loads((repo / rel).read_text())
