@@ -30,7 +30,9 @@ COLUMNS = (
     "stored_vs_separate", *DO_NOTHING, "dataset", "mode", "direction",
     "forgetting_max_abs_diff", "forgetting_exact", "final_l1", "forgetting_l1", "mlflow_run_id",
 )
-PER_TASK = ("l1", "psnr", "ssim", "fid", "kid", "stored_params", "new_params", *DO_NOTHING)   # metrics/per_task.json
+# metrics/per_task.json (summary key -> short name: `dvc exp show` columns read t1.l1, t1.stored, ...).
+PER_TASK = {"l1": "l1", "psnr": "psnr", "ssim": "ssim", "fid": "fid", "kid": "kid", "stored_params": "stored",
+            "new_params": "new", **{k: k for k in DO_NOTHING}}
 # Per-task numbers compared across methods (piggyback / separate / finetune), read back from MLflow.
 COMPARED = ("fid", "l1", "final_l1", "forgetting_l1", "stored_params", "forgetting_max_abs_diff")
 
@@ -328,7 +330,7 @@ def write_report(summary: dict, metrics_dir: Path) -> list[Path]:
 
 def per_task_metrics(summary: dict) -> dict:
     """metrics/per_task.json, what `dvc exp show` lists: numbers only, keyed by task (``t1.l1``, ...)."""
-    return {r["name"]: numbers_only({k: r.get(k) for k in PER_TASK}) for r in summary["tasks"]}
+    return {r["name"]: numbers_only({short: r.get(k) for k, short in PER_TASK.items()}) for r in summary["tasks"]}
 
 
 def sample_sheet(summary: dict, translated_dir: Path, out: Path) -> Path:
