@@ -58,10 +58,9 @@ def _edit_params(repo: Path, fn) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A git + DVC copy of this repo (tracked and new files, none ignored) with tiny params."""
-    dst = tmp_path_factory.mktemp("pipeline") / "repo"
+def make_tiny_repo(dst: Path, n_tasks: int = 3) -> Path:
+    """A git + DVC copy of this repo (tracked and new files, none ignored) with tiny params, the first
+    `n_tasks` tasks of params.yaml (pix2pix, cyclegan, pix2pix) on tiny embedded datasets."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
@@ -71,17 +70,23 @@ def repo(tmp_path_factory) -> Path:
     kinds = [d["kind"] for d in yaml.safe_load((ROOT / "params.yaml").read_text())["datasets"].values()]
 
     def tiny(raw):
-        raw["datasets"] = {k: dict(v, kind=kinds[i % len(kinds)]) for i, (k, v) in enumerate(TINY["datasets"].items())}
+        raw["datasets"] = {k: dict(v, kind=kinds[i % len(kinds)])
+                           for i, (k, v) in enumerate(list(TINY["datasets"].items())[:n_tasks])}
         for sec in ("data", "model", "train", "eval"):
             raw[sec].update(TINY[sec])
         given = list(raw["tasks"].values())   # keeps the spelled-out per-task keys (-S tasks.t2.epochs=2)
         raw["tasks"] = {f"t{i + 1}": dict(given[i], dataset=k, prev="init" if i == 0 else f"t{i}")
-                        for i, k in enumerate(TINY["datasets"])}
+                        for i, k in enumerate(list(TINY["datasets"])[:n_tasks])}
     _edit_params(dst, tiny)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
     return dst
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return make_tiny_repo(tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
 """The lifelong generator as an MLflow model: logged and registered once per checkpoint, predictions equal
-to `piggyback translate`, and every bad request a clear client error (in process here; over HTTP in
-test_serving_http.py)."""
+to `piggyback translate`, and every bad request a clear client error; in process, then over HTTP from
+the tiny pipeline's registered model (slow)."""
 from __future__ import annotations
 
 import base64
 import io
+import sys
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -210,3 +212,98 @@ def test_bad_requests_are_client_errors_naming_the_problem(served, name, rows, w
     with pytest.raises(MlflowException) as e:
         served.predict(pd.DataFrame(bad_rows(rows)))
     assert e.value.get_http_status_code() == 400 and words in e.value.message, e.value.message
+
+
+# ----------------------------------------------------------------------------------------------
+# Over HTTP: the tiny pipeline, its registered model behind `mlflow models serve`.
+
+def _post(port: int, rows: list[dict]) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                 data=json.dumps({"dataframe_records": rows}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@contextmanager
+def model_server(repo, uri: str):
+    """`mlflow models serve -m <uri> --env-manager local` on a free 127.0.0.1 port, in its own process
+    group (uvicorn runs as its child), always stopped; yields the port once /ping answers."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from test_pipeline import _env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(_env(repo), MLFLOW_TRACKING_URI=f"sqlite:///{repo}/mlflow.db")
+    log = open(repo / "serve.log", "wb")
+    proc = subprocess.Popen(["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
+                             "-p", str(port)], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (repo / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (repo / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_pipeline_model_served_over_rest(tmp_path):
+    """dvc repro of two tiny tasks registers version 1; a second report makes no new one; the served
+    model equals `piggyback translate` for every task and generator, refuses every bad request with a
+    4xx and a message, and still answers afterwards."""
+    import mlflow
+    from test_pipeline import _run, make_tiny_repo
+
+    repo = make_tiny_repo(tmp_path / "repo", n_tasks=2)
+    _run(["dvc", "repro"], repo)
+    _run([sys.executable, "-m", "stages.report"], repo)             # same final checkpoint: no new version
+    uri = f"sqlite:///{repo}/mlflow.db"
+    versions = mlflow.MlflowClient(uri, registry_uri=uri).search_model_versions("name = 'piggyback-gan'")
+    assert [int(v.version) for v in versions] == [1]
+
+    (tmp_path / "in").mkdir()
+    noise(SIDE, SIDE, seed=3).save(tmp_path / "in" / "x.png")
+    image = png_b64(Image.open(tmp_path / "in" / "x.png"))
+    cases = [("t1", "G_A"), ("t2", "G_A"), ("t2", "G_B")]
+    with model_server(repo, "models:/piggyback-gan/1") as port:
+        code, body = _post(port, [{"task": t, "generator": w, "image": image} for t, w in cases])
+        assert code == 200, body
+        for (task, which), row in zip(cases, body["predictions"]):
+            assert (row["width"], row["height"]) == (SIDE, SIDE)
+            (path,) = translate_folder(repo / "models" / "t2", task, tmp_path / "in", tmp_path / f"{task}{which}",
+                                       which=which, device="cpu")
+            assert np.abs(decode(row["image"]) - np.array(Image.open(path), dtype=np.int16)).max() <= 1, (task, which)
+        for name, rows, words in BAD_REQUESTS:
+            rows = [{**r, "task": "t1"} if r.get("task") == "p" else r for r in bad_rows(rows)]
+            code, body = _post(port, rows)
+            assert 400 <= code < 500 and words in body.get("message", ""), (name, code, body)
+        code, body = _post(port, [{"task": "t1", "image": image}])
+        assert code == 200 and len(body["predictions"]) == 1
