@@ -28,29 +28,7 @@ from mlflow.pyfunc import PythonModel
 from PIL import Image
 
 from .checkpoint import load_lifelong
-from .data.datasets import BICUBIC
-from .evaluation import default_device, to_uint8
-
-# TEMPORARY until the evaluation split lands (translate.load_input_image / run_generator).
-from .evaluation import _load_input  # noqa: E402
-
-
-def load_input_image(src, channels, size=None):
-    from PIL import ImageOps
-    import numpy as np
-    with Image.open(src) as img:
-        img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
-        if size is not None:
-            img = img.resize((size, size), BICUBIC)
-        arr = np.array(img, dtype=np.uint8)
-    arr = arr[..., None] if arr.ndim == 2 else arr
-    return torch.from_numpy(arr).permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)
-
-
-@torch.no_grad()
-def run_generator(net, batch):
-    device = next(net.parameters()).device
-    return net(batch.to(device)).float().cpu()
+from .translate import default_device, load_input_image, run_generator, to_uint8
 
 # Request limits (README, "Serving the model"). A request over them is refused before any decoding work.
 MAX_ROWS = 64                       # images per request
@@ -188,7 +166,7 @@ def _png_row(pixels: Any, size: Optional[tuple[int, int]]) -> dict:
     """uint8 (H, W, C) -> {image: base64 PNG, width, height}, resized back to `size` (w, h) when given (bicubic)."""
     img = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     if size is not None and img.size != tuple(size):
-        img = img.resize(tuple(size), BICUBIC)
+        img = img.resize(tuple(size), Image.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return {"image": base64.b64encode(buf.getvalue()).decode("ascii"), "width": img.width, "height": img.height}

@@ -17,7 +17,7 @@ from PIL import Image
 
 from piggyback import GeneratorConfig, LifelongModel, save_lifelong
 from piggyback.config import load_params
-from piggyback.evaluation import translate_folder
+from piggyback.translate import translate_folder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
