@@ -38,6 +38,7 @@ MAX_PIXELS = 4096 * 4096            # one image's width x height (decompression 
 BATCH_SIZE = 16                     # images per forward pass
 FORMATS = ("PNG", "JPEG")
 SIZES = ("input", "task")           # output at the input's size (default) or at the task's size
+EXIF_ORIENTATION = 0x0112
 
 
 def _bad(row: Optional[int], message: str) -> MlflowException:
@@ -64,6 +65,8 @@ def decode_image(b64: str, row: int) -> tuple[bytes, tuple[int, int]]:
     try:
         with Image.open(io.BytesIO(data)) as img:   # reads the header only: the size is known before decoding
             fmt, size = img.format, img.size
+            if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                size = size[::-1]                       # turned by 90 degrees, as a viewer shows it
     except Image.DecompressionBombError:
         raise _bad(row, f"image: its declared size is over the limit of {MAX_PIXELS:,} pixels per image") from None
     except (OSError, ValueError, SyntaxError):

@@ -203,6 +203,11 @@ def test_any_size_in_resized_as_the_test_transform_out_at_input_or_task_size(ser
     at_task_size = png_b64(sent.resize((SIDE, SIDE), Image.BICUBIC))          # the test transform, by hand
     direct = served.predict(pd.DataFrame([{"task": "p", "image": at_task_size, "size": "task"}]))
     assert np.abs(decode(direct["image"][0]) - decode(out["image"][1])).max() <= 1
+    exif, buf = Image.Exif(), io.BytesIO()
+    exif[0x0112] = 6                                            # "rotate 90 degrees to show": 20 wide, 50 high
+    img.save(buf, format="JPEG", exif=exif)
+    turned = served.predict(pd.DataFrame([{"task": "p", "image": base64.b64encode(buf.getvalue()).decode()}]))
+    assert (turned["width"][0], turned["height"][0]) == (20, 50)
 
 
 @pytest.mark.parametrize("name,rows,words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
