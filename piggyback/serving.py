@@ -59,7 +59,7 @@ def decode_image(b64: str, row: int) -> tuple[bytes, tuple[int, int]]:
     if len(b64) > MAX_IMAGE_BYTES * 4 // 3 + 4:
         raise _bad(row, f"image: larger than the limit of {MAX_IMAGE_BYTES // 2**20} MiB per image")
     try:
-        data = base64.b64decode(b64.split(",", 1)[1] if b64.startswith("data:") else b64, validate=True)
+        data = base64.b64decode(b64.partition(",")[2] if b64.startswith("data:") else b64, validate=True)
     except (binascii.Error, ValueError):
         raise _bad(row, "image: not valid base64") from None
     try:

@@ -58,9 +58,10 @@ def _edit_params(repo: Path, fn) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def make_tiny_repo(dst: Path, n_tasks: int = 3) -> Path:
-    """A git + DVC copy of this repo (tracked and new files, none ignored) with tiny params, the first
-    `n_tasks` tasks of params.yaml (pix2pix, cyclegan, pix2pix) on tiny embedded datasets."""
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git + DVC copy of this repo (tracked and new files, none ignored) with tiny params."""
+    dst = tmp_path_factory.mktemp("pipeline") / "repo"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
@@ -70,23 +71,17 @@ def make_tiny_repo(dst: Path, n_tasks: int = 3) -> Path:
     kinds = [d["kind"] for d in yaml.safe_load((ROOT / "params.yaml").read_text())["datasets"].values()]
 
     def tiny(raw):
-        raw["datasets"] = {k: dict(v, kind=kinds[i % len(kinds)])
-                           for i, (k, v) in enumerate(list(TINY["datasets"].items())[:n_tasks])}
+        raw["datasets"] = {k: dict(v, kind=kinds[i % len(kinds)]) for i, (k, v) in enumerate(TINY["datasets"].items())}
         for sec in ("data", "model", "train", "eval"):
             raw[sec].update(TINY[sec])
         given = list(raw["tasks"].values())   # keeps the spelled-out per-task keys (-S tasks.t2.epochs=2)
         raw["tasks"] = {f"t{i + 1}": dict(given[i], dataset=k, prev="init" if i == 0 else f"t{i}")
-                        for i, k in enumerate(list(TINY["datasets"])[:n_tasks])}
+                        for i, k in enumerate(TINY["datasets"])}
     _edit_params(dst, tiny)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
     return dst
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return make_tiny_repo(tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +131,12 @@ def test_mlflow_store_holds_pipeline_and_task_runs(repo, first_repro):
 
 def test_second_repro_runs_nothing(repo, first_repro):
     assert _ran(_run(["dvc", "repro"], repo)) == set()
+
+
+def test_registered_model_served_over_rest(repo, first_repro, tmp_path):
+    from test_serving import check_served_pipeline_model   # before the experiments below change the workspace
+
+    check_served_pipeline_model(repo, tmp_path, _run)
 
 
 def test_exp_run_changing_one_task_reruns_it_and_its_successors(repo, first_repro):

@@ -1,11 +1,10 @@
 """The lifelong generator as an MLflow model: logged and registered once per checkpoint, predictions equal
 to `piggyback translate`, and every bad request a clear client error; in process, then over HTTP from
-the tiny pipeline's registered model (slow)."""
+the tiny pipeline's registered model (`check_served_pipeline_model`, run by test_pipeline.py)."""
 from __future__ import annotations
 
 import base64
 import io
-import sys
 from contextlib import contextmanager
 
 import numpy as np
@@ -183,7 +182,7 @@ def test_predictions_equal_piggyback_translate(served, checkpoint, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     noise(SIDE, SIDE).save(inputs / "x.png")
-    rows = [{"task": "p", "image": png_b64(noise(SIDE, SIDE))},
+    rows = [{"task": "p", "image": "data:image/png;base64," + png_b64(noise(SIDE, SIDE))},   # a data URL too
             {"task": "c", "generator": "G_B", "image": png_b64(noise(SIDE, SIDE))},
             {"task": "c", "generator": "AtoB", "image": png_b64(noise(SIDE, SIDE))}]
     out = served.predict(pd.DataFrame(rows))
@@ -220,7 +219,7 @@ def test_bad_requests_are_client_errors_naming_the_problem(served, name, rows, w
 
 
 # ----------------------------------------------------------------------------------------------
-# Over HTTP: the tiny pipeline, its registered model behind `mlflow models serve`.
+# Over HTTP: the registered model of test_pipeline.py's tiny pipeline behind `mlflow models serve`.
 
 def _post(port: int, rows: list[dict]) -> tuple[int, dict]:
     import json
@@ -279,31 +278,30 @@ def model_server(repo, uri: str):
         log.close()
 
 
-@pytest.mark.slow
-def test_pipeline_model_served_over_rest(tmp_path):
-    """dvc repro of two tiny tasks registers version 1; a second report makes no new one; the served
-    model equals `piggyback translate` for every task and generator, refuses every bad request with a
-    4xx and a message, and still answers afterwards."""
+def check_served_pipeline_model(repo, tmp_path, run) -> None:
+    """For test_pipeline.py, on its tiny pipeline (tasks t1 pix2pix, t2 cyclegan, t3 pix2pix): `dvc repro`
+    registered version 1 and a forced second report makes no new one; the served version equals
+    `piggyback translate` for every task and generator, refuses every bad request with a 4xx and a
+    message, and still answers afterwards. `run(cmd, repo)` runs a command in the repo."""
     import mlflow
-    from test_pipeline import _run, make_tiny_repo
 
-    repo = make_tiny_repo(tmp_path / "repo", n_tasks=2)
-    _run(["dvc", "repro"], repo)
-    _run([sys.executable, "-m", "stages.report"], repo)             # same final checkpoint: no new version
+    run(["dvc", "repro", "-f", "-s", "report"], repo)                 # same final checkpoint: no new version
     uri = f"sqlite:///{repo}/mlflow.db"
-    versions = mlflow.MlflowClient(uri, registry_uri=uri).search_model_versions("name = 'piggyback-gan'")
-    assert [int(v.version) for v in versions] == [1]
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    assert [int(v.version) for v in client.search_model_versions("name = 'piggyback-gan'")] == [1]
+    runs = client.search_runs([client.get_experiment_by_name("piggyback-gan").experiment_id])
+    assert {r.data.tags.get("model.uri") for r in runs} == {"models:/piggyback-gan/1"}   # task and pipeline runs
 
     (tmp_path / "in").mkdir()
     noise(SIDE, SIDE, seed=3).save(tmp_path / "in" / "x.png")
     image = png_b64(Image.open(tmp_path / "in" / "x.png"))
-    cases = [("t1", "G_A"), ("t2", "G_A"), ("t2", "G_B")]
+    cases = [("t1", "G_A"), ("t2", "G_A"), ("t2", "G_B"), ("t3", "G_A")]
     with model_server(repo, "models:/piggyback-gan/1") as port:
         code, body = _post(port, [{"task": t, "generator": w, "image": image} for t, w in cases])
         assert code == 200, body
         for (task, which), row in zip(cases, body["predictions"]):
             assert (row["width"], row["height"]) == (SIDE, SIDE)
-            (path,) = translate_folder(repo / "models" / "t2", task, tmp_path / "in", tmp_path / f"{task}{which}",
+            (path,) = translate_folder(repo / "models" / "t3", task, tmp_path / "in", tmp_path / f"{task}{which}",
                                        which=which, device="cpu")
             assert np.abs(decode(row["image"]) - np.array(Image.open(path), dtype=np.int16)).max() <= 1, (task, which)
         for name, rows, words in BAD_REQUESTS:
