@@ -188,6 +188,7 @@ class MlflowConfig:
     tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
     experiment: str = "piggyback-gan"
     enabled: bool = True
+    registered_model: Optional[str] = "piggyback-gan"  # report: register the final generator under this name (null: don't)
 
 
 @dataclass(frozen=True)

@@ -422,6 +422,10 @@ def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Option
                 f"- {k.split('.', 1)[1]}: [#/experiments/{exp_id}/runs/{v}](#/experiments/{exp_id}/runs/{v})"
                 for k, v in links.items())
             tracker.set_tags({"mlflow.note.content": note})
+        if tracker.run_id:
+            from piggyback.publish import publish_model   # the final generator as a registered MLflow model
+
+            publish_model(params, summary, tracker.run_id)
         tracker.end("FINISHED")
     except BaseException:
         tracker.end("FAILED")

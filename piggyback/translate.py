@@ -8,7 +8,7 @@ user's images safe to translate (sizes the generator can map onto themselves, no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Optional, Union
 
 import numpy as np
 import torch
@@ -46,14 +46,17 @@ def sample_grid(rows: list[Tensor]) -> np.ndarray:
     return to_uint8(grid[None])[0]
 
 
-def load_input_image(path: Union[str, Path], channels: int) -> Tensor:
-    """A user's image file -> the generator's input, (1, C, H, W) in [-1, 1].
+def load_input_image(path: Union[str, Path, BinaryIO], channels: int, size: Optional[int] = None) -> Tensor:
+    """A user's image (a file, or file-like bytes) -> the generator's input, (1, C, H, W) in [-1, 1].
 
     EXIF orientation is applied (what a viewer shows is what is translated), then the image is converted
-    to RGB (`channels` 3) or L (1). No resize: the pixels stay the user's.
+    to RGB (`channels` 3) or L (1). `size`: resized to size x size as the test transform does (bicubic,
+    `data.datasets.test_transform`; the served model); None: no resize, the pixels stay the user's.
     """
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
+        if size is not None:
+            img = img.resize((size, size), Image.BICUBIC)
         arr = np.array(img, dtype=np.uint8)
     arr = arr[..., None] if arr.ndim == 2 else arr                           # (H, W, C)
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)

@@ -193,6 +193,12 @@ def test_second_repro_runs_nothing(repo, first_repro):
     assert _ran(_run(["dvc", "repro"], repo)) == set()
 
 
+def test_registered_model_served_over_rest(repo, first_repro, tmp_path):
+    from test_serving import check_served_pipeline_model   # before the experiments below change the workspace
+
+    check_served_pipeline_model(repo, tmp_path, _run)
+
+
 def test_exp_run_changing_one_task_reruns_it_and_its_successors(repo, first_repro):
     ran = _ran(_run(["dvc", "exp", "run", "-n", "t2-longer", "-S", "tasks.t2.epochs=2"], repo))
     assert ran == {"train@t2", "train@t3", "evaluate@t2", "evaluate@t3", "audit", "report"}
