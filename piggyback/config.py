@@ -156,6 +156,7 @@ class TrainConfig:
     max_steps: int = 0                 # Stop each task after this many iterations (0: no limit).
     amp: str = "none"                  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False
+    batch_calls: bool = True           # One call for independent calls through a per-sample network (exact).
     log_every: int = 10                # Iterations between loss logs to MLflow.
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
     pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
