@@ -1,90 +1,114 @@
-"""Progress a person can read, for loops that run for minutes: rate, ETA and the latest numbers.
+"""Progress a person can read: a live tqdm bar on a terminal, plain periodic lines elsewhere.
 
-On a terminal (stderr is a TTY) one tqdm line updates in place. Anywhere else (`dvc repro` in CI, a log
-file) a plain line is printed every `every_s` seconds and at every `report()`, so a log shows signs of
-life without thousands of carriage returns. Only the process given ``enabled=True`` (rank 0) prints.
+tqdm's own ``disable=None`` switches the bar off when stderr is not a terminal, which is exactly the
+case of `dvc repro` in CI or with its output piped to a log: minutes without a sign of life. Off a
+terminal this prints one line every `every_s` seconds instead (done / total, rate, ETA, the latest
+`set_postfix` values), one early estimate of the time left after the first `estimate_after` updates, and
+a last line with the totals, so a log shows both that the stage is alive and how long it will take.
 """
 from __future__ import annotations
 
 import sys
 import time
-from typing import Optional, TextIO
+from typing import Any, Iterable, Iterator, Optional, TextIO
+
+PLAIN_EVERY_S = 30.0   # Seconds between two plain progress lines.
 
 
-def format_duration(seconds: float) -> str:
-    """3725 -> '1:02:05', 65 -> '1:05'."""
+def _duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-class Progress:
-    """Counts steps towards `total`; shows rate (it/s and, given `items_per_step`, img/s) and ETA."""
+class PlainProgress:
+    """tqdm's update / close / context-manager surface, writing a plain line every `every_s` seconds."""
 
-    def __init__(self, desc: str, total: int, initial: int = 0, *, items_per_step: int = 0, enabled: bool = True,
-                 every_s: float = 30.0, stream: Optional[TextIO] = None, estimate_after: int = 5) -> None:
-        self.desc, self.total, self.n, self.items_per_step = desc, total, initial, items_per_step
-        self.every_s, self.estimate_after = every_s, estimate_after
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled, self.tty = enabled, enabled and self.stream.isatty()
-        self.t0, self.n0, self.last_line = time.perf_counter(), initial, time.perf_counter()
-        self.postfix: dict[str, str] = {}
-        self.bar = None
-        if self.tty:
-            from tqdm import tqdm
+    def __init__(self, total: Optional[int], desc: str, unit: str, every_s: float = PLAIN_EVERY_S,
+                 stream: Optional[TextIO] = None, initial: int = 0, estimate_after: int = 0):
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.stream = stream or sys.stderr
+        self.n, self.initial, self.estimate_after, self.closed = initial, initial, estimate_after, False
+        self.postfix: dict[str, Any] = {}
+        self.t0 = self.last = time.perf_counter()
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True, file=self.stream)
-
-    def say(self, line: str) -> None:
-        """A line of its own (above the live bar on a terminal)."""
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)
-        else:
-            print(line, file=self.stream, flush=True)
-
-    def rate(self) -> float:
-        """Steps per second in this process so far (resumed steps excluded)."""
-        return (self.n - self.n0) / max(time.perf_counter() - self.t0, 1e-9)
-
-    def eta(self) -> Optional[float]:
-        r = self.rate()
-        return (self.total - self.n) / r if r > 0 else None
-
-    def update(self, n: int = 1, **postfix: str) -> None:
-        """`n` more steps done; `postfix` (e.g. G="1.23") is shown with the next line."""
+    def update(self, n: int = 1) -> None:
         self.n += n
-        self.postfix.update(postfix)
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(self.postfix, refresh=False)
-        if n and self.n - self.n0 == self.estimate_after and self.n < self.total:
-            self.say(f"{self.desc}: {self.rate():.2f} it/s, about {format_duration(self.eta() or 0)} "
-                     f"for the remaining {self.total - self.n} steps")
-        elif self.bar is None and time.perf_counter() - self.last_line >= self.every_s:
-            self.report()
+        now = time.perf_counter()
+        if self.total and self.n - self.initial == self.estimate_after > 0 and self.n < self.total:
+            self._line(f"{self._rate(now):.2f} {self.unit}/s, about {_duration(self._eta(now))} for the "
+                       f"remaining {self.total - self.n} {self.unit}")
+        elif now - self.last >= self.every_s:
+            self.last = now
+            self._line(self._status(now))
 
-    def line(self) -> str:
-        """'t1: 40/120 (33%) 2.10 it/s 8.4 img/s ETA 0:38 G 1.234'."""
-        r, eta = self.rate(), self.eta()
-        parts = [f"{self.desc}: {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)", f"{r:.2f} it/s"]
-        if self.items_per_step:
-            parts.append(f"{r * self.items_per_step:.1f} img/s")
-        parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")
-        parts += [f"{k} {v}" for k, v in self.postfix.items()]
-        return " ".join(parts)
+    def set_postfix(self, values: dict[str, Any]) -> None:
+        """Values shown at the end of the next lines (tqdm's `set_postfix`)."""
+        self.postfix = dict(values)
 
-    def report(self) -> None:
-        """A plain progress line now (off a terminal); the live bar already shows it on one."""
-        self.last_line = time.perf_counter()
-        if self.enabled and self.bar is None:
-            print(self.line(), file=self.stream, flush=True)
+    def write(self, text: str) -> None:
+        """A line of its own (tqdm's `write`)."""
+        self._line(text, prefix=False)
+
+    def _rate(self, now: float) -> float:   # in this process: resumed steps do not count
+        return (self.n - self.initial) / max(now - self.t0, 1e-9)
+
+    def _eta(self, now: float) -> float:
+        rate = self._rate(now)
+        return (self.total - self.n) / rate if rate > 0 else float("inf")
+
+    def _status(self, now: float) -> str:
+        rate, extra = self._rate(now), "".join(f", {k} {v}" for k, v in self.postfix.items())
+        if not self.total:
+            return f"{self.n} {self.unit} ({rate:.1f} {self.unit}/s{extra})"
+        eta = self._eta(now)
+        left = _duration(eta) if eta != float("inf") else "?"
+        return (f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%, {rate:.1f} {self.unit}/s, "
+                f"ETA {left}{extra})")
+
+    def _line(self, text: str, prefix: bool = True) -> None:
+        print(f"{self.desc}: {text}" if prefix else text, file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if not self.closed:
+            self.closed = True
+            took, done = time.perf_counter() - self.t0, self.n - self.initial
+            self._line(f"{done} {self.unit} in {_duration(took)} ({done / max(took, 1e-9):.1f} {self.unit}/s)")
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Silent(PlainProgress):
+    def _line(self, text: str, prefix: bool = True) -> None:
+        pass
+
+
+def progress_bar(total: Optional[int], desc: str, unit: str = "it", enabled: bool = True,
+                 every_s: float = PLAIN_EVERY_S, stream: Optional[TextIO] = None, initial: int = 0,
+                 estimate_after: int = 0) -> Any:
+    """A tqdm bar when `stream` (default stderr) is a terminal, else `PlainProgress`; silent when not `enabled`.
+
+    `initial`: units already done (a resumed run). `estimate_after`: off a terminal, one line with the
+    time left after that many updates (the bar shows it all along on a terminal).
+    """
+    stream = stream or sys.stderr
+    if not enabled:
+        return _Silent(total, desc, unit, stream=stream, initial=initial)
+    if stream.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, initial=initial)
+    return PlainProgress(total, desc, unit, every_s, stream, initial, estimate_after)
+
+
+def track(items: Iterable, desc: str, unit: str = "it", total: Optional[int] = None, enabled: bool = True,
+          every_s: float = PLAIN_EVERY_S) -> Iterator:
+    """Iterate `items` under `progress_bar` (one update per item)."""
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    with progress_bar(total, desc, unit, enabled, every_s) as bar:
+        for item in items:
+            yield item
+            bar.update(1)

@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from piggyback import distributed as D
 from piggyback import models, probes, snapshot
 from piggyback.checkpoint import check_compatible, load_lifelong, load_probes, read_meta, save_lifelong
-from piggyback.config import Params, as_dict, task_recipe
-from piggyback.fsutil import atomic_write_json, atomic_write_text, remove_stale_temps, sha256_file
+from piggyback.config import Params, as_dict, dataset_data, task_recipe
+from piggyback.fsutil import atomic_write_text, remove_stale_temps, sha256_file
 from piggyback.losses import GANLoss
-from piggyback.progress import Progress
+from piggyback.metricsfile import write_metrics
+from piggyback.progress import progress_bar
 from piggyback.trainstate import TrainState, mode_config
 from piggyback.tracking import close_leftover_runs, default_tags, ended, flatten, open_run
 
@@ -111,7 +112,7 @@ class _Loop:
     total_epochs: int
     snaps: snapshot.Snapshots
     tracker: Any
-    progress: Progress
+    progress: Any                 # progress_bar(): a tqdm bar on a terminal, plain lines elsewhere
 
 
 @dataclass
@@ -157,10 +158,10 @@ def train_task(params: Params, task: str, paths: TaskPaths, *, device: torch.dev
             mcfg = mode_config(cfg, recipe.mode)
             loop = _Loop(models.recipe(recipe.mode), mcfg, cfg, GANLoss(mcfg.gan_mode).to(device), ddp, inputs.loader,
                          inputs.sampler, total, epochs, snaps, tracker,
-                         Progress(task, total, state.step, items_per_step=cfg.batch_size * world, enabled=rank == 0))
-            loop.progress.say(f"train@{task}: {recipe.mode} on {recipe.dataset}, {epochs} epochs x {n} steps "
-                              f"(batch {cfg.batch_size} x {world} rank{'s' * (world > 1)}): {total} steps"
-                              + (f", from step {state.step}" if state.step else ""))
+                         progress_bar(total, task, "it", enabled=rank == 0, initial=state.step, estimate_after=5))
+            loop.progress.write(f"train@{task}: {recipe.mode} on {recipe.dataset}, {epochs} epochs x {n} steps "
+                                f"(batch {cfg.batch_size} x {world} rank{'s' * (world > 1)}): {total} steps"
+                                + (f", from step {state.step}" if state.step else "") + "; time left after 5 steps")
             while state.epoch < epochs and state.step < total:
                 visuals = _train_epoch(state, loop)
                 _end_epoch(state, loop, visuals)
@@ -178,12 +179,13 @@ def _load_inputs(params: Params, task: str, paths: TaskPaths) -> _Inputs:
     from piggyback.data.datasets import build_loader, make_train_dataset
 
     recipe, cfg = task_recipe(params, task), params.train
+    sizes = dataset_data(params, recipe.dataset)   # data.* with the dataset's own load_size / crop_size
     model = load_lifelong(paths.prev)
     check_compatible(model, params.model, cfg.method)
     seed = task_seed(params, len(model.tasks))
-    train_set = make_train_dataset(paths.data, recipe.mode, recipe.direction, params.data, seed)
+    train_set = make_train_dataset(paths.data, recipe.mode, recipe.direction, sizes, seed)
     loader, sampler = build_loader(train_set, cfg.batch_size, params.data.num_workers, seed=seed)
-    probe_in = probes.probe_inputs(paths.data, recipe.mode, recipe.direction, params.data.crop_size, cfg.probe_images)
+    probe_in = probes.probe_inputs(paths.data, recipe.mode, recipe.direction, sizes.crop_size, cfg.probe_images)
     return _Inputs(model, loader, sampler, probe_in, load_probes(paths.prev) or {}, seed)
 
 
@@ -214,7 +216,7 @@ def _train_epoch(state: TrainState, loop: _Loop) -> dict[str, torch.Tensor]:
         if cfg.channels_last:
             real_A, real_B = (x.contiguous(memory_format=torch.channels_last) for x in (real_A, real_B))
         losses, visuals = loop.recipe.train_step(loop.ddp, state.optimizers, real_A, real_B, loop.gan, loop.mcfg,
-                                                 state.pools, state.precision)
+                                                 state.pools, state.precision, cfg.batch_calls)
         dt, images = time.perf_counter() - t_mark, real_A.shape[0] * world
         state.record_step(losses, dt, images)
         window.add(losses, dt, images)
@@ -222,8 +224,8 @@ def _train_epoch(state: TrainState, loop: _Loop) -> dict[str, torch.Tensor]:
         if state.step % cfg.log_every == 0 or state.step == loop.total:
             logged = window.flush(device)
             loop.tracker.log_metrics(logged, step=state.step)
-            loop.progress.update(0, **{k: f"{logged['loss/' + k]:.3f}" for k in ("G", "D_A", "D_B", "D")
-                                       if "loss/" + k in logged})
+            loop.progress.set_postfix({**{k: f"{logged['loss/' + k]:.3f}" for k in ("G", "D_A", "D_B", "D")
+                                          if "loss/" + k in logged}, "img/s": f"{logged['images_per_s']:.1f}"})
 
         # Snapshot every K steps and at each epoch's end, but not after the last step (saving follows).
         if state.step < loop.total and ((cfg.snapshot_every and state.step % cfg.snapshot_every == 0)
@@ -246,7 +248,7 @@ def _end_epoch(state: TrainState, loop: _Loop, visuals: dict[str, torch.Tensor])
                               **{f"epoch_loss/{k}": row[k] for k in state.sums}}, step=state.step)
     if visuals and loop.tracker.run_id is not None:
         loop.tracker.log_image(_grid(visuals, loop.recipe.VISUALS), f"samples/epoch_{state.epoch + 1:03d}.png")
-    loop.progress.say(f"{loop.progress.desc}: epoch {state.epoch + 1}/{loop.total_epochs} step {state.step} "
+    loop.progress.write(f"{loop.progress.desc}: epoch {state.epoch + 1}/{loop.total_epochs} step {state.step} "
                       + " ".join(f"{k} {row[k]:.3f}" for k in state.sums) + f" {row['images_per_s']:.1f} img/s")
     state.next_epoch()
 
@@ -292,7 +294,7 @@ def _fingerprint(params: Params, task: str, paths: TaskPaths, world: int) -> str
     manifest = paths.data / "manifest.json"
     return snapshot.fingerprint({
         "params": {k: as_dict(getattr(params, k)) for k in ("base", "model", "train", "data")},
-        "task": as_dict(params.tasks[task]), "prev": read_meta(paths.prev)["files"], "world_size": world,
+        "sizes": as_dict(dataset_data(params, params.tasks[task].dataset)), "task": as_dict(params.tasks[task]), "prev": read_meta(paths.prev)["files"], "world_size": world,
         "data": sha256_file(manifest) if manifest.is_file() else None})
 
 
@@ -300,7 +302,8 @@ def _tracked_params(params: Params, task: str, world: int) -> dict:
     """The MLflow params of a task's run: its recipe, the sections it reads (flattened), the world size."""
     recipe = as_dict(task_recipe(params, task))
     recipe.pop("task")
-    data = {k: getattr(params.data, k) for k in ("load_size", "crop_size", "flip", "num_workers")}
+    sizes = dataset_data(params, params.tasks[task].dataset)
+    data = {k: getattr(sizes, k) for k in ("load_size", "crop_size", "flip", "num_workers")}
     return {**recipe, "prev": params.tasks[task].prev, "world_size": world,
             "global_batch_size": params.train.batch_size * world,
             **flatten({"train": as_dict(params.train), "model": as_dict(params.model), "data": data,
@@ -309,8 +312,8 @@ def _tracked_params(params: Params, task: str, world: int) -> dict:
 
 def _write_metrics(metrics: Path, task: str, summary: dict, history: list[dict]) -> tuple[Path, Path]:
     """metrics/train/<task>.json (the summary) and metrics/train/<task>.csv (one row per epoch)."""
-    json_path, csv_path = metrics / "train" / f"{task}.json", metrics / "train" / f"{task}.csv"
-    atomic_write_json(json_path, summary)
+    json_path = write_metrics(metrics, f"train/{task}.json", summary)   # text in metrics/info/train/
+    csv_path = metrics / "train" / f"{task}.csv"
     cols = ["epoch", "step"] + sorted({k for r in history for k in r} - {"epoch", "step", "lr", "images_per_s"}) \
         + ["lr", "images_per_s"]
     buf = io.StringIO()

@@ -82,23 +82,23 @@ def test_resumed_run_logs_no_step_twice(tmp_path, monkeypatch, reference):
     """Steps logged after the last snapshot and before the crash are not logged again by the resumed run."""
     from mlflow import MlflowClient
 
-    from piggyback.progress import Progress
+    from piggyback.progress import PlainProgress
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     params = write_params(tmp_path / "params.yaml", TASKS, model=MODEL, train=TRAIN, mlflow={"enabled": True})
     models, metrics = tmp_path / "models", tmp_path / "metrics"
     run_init(params, models)
-    real_update = Progress.update
+    real_update = PlainProgress.update   # the bar off a terminal (pytest captures stderr)
 
-    def crash_at_step_5(self, n=1, **postfix):
-        if n and self.n + n == 5:   # steps 1-4 logged, snapshot at step 3
+    def crash_at_step_5(self, n=1):
+        if self.n + n == 5:   # steps 1-4 logged, snapshot at step 3
             raise RuntimeError("simulated crash")
-        real_update(self, n, **postfix)
+        real_update(self, n)
 
-    monkeypatch.setattr(Progress, "update", crash_at_step_5)
+    monkeypatch.setattr(PlainProgress, "update", crash_at_step_5)
     with pytest.raises(SystemExit, match="simulated crash"):
         run_train("t1", params, models, reference["data"], metrics)
-    monkeypatch.setattr(Progress, "update", real_update)
+    monkeypatch.setattr(PlainProgress, "update", real_update)
     run_id = snapshot.load(models / ".snapshots" / "t1")["run_id"]
     run_train("t1", params, models, reference["data"], metrics)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
