@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from .checkpoint import load_lifelong
 from .fsutil import atomic_path
@@ -35,18 +35,20 @@ def state_key(model: LifelongModel, task: str) -> str:
     return h.hexdigest()
 
 
-def test_split_scorer(data_root: Union[str, Path], size: int, batch_size: int = 50, num_test: int = 0,
-                      device: Any = None) -> Scorer:
-    """Score a task of a model on its prepared test split, as the evaluate stage does (G_A, no files)."""
+def test_split_scorer(data_root: Union[str, Path], size: Union[int, Mapping[str, int]], batch_size: int = 50,
+                      num_test: int = 0, device: Any = None) -> Scorer:
+    """Score a task of a model on its prepared test split, as the evaluate stage does (G_A, no files);
+    `size`: the test size, or per task (its dataset's crop_size)."""
     from .data.datasets import TestSet
-    from .evaluation import translate_split
+    from .scoring import translate_split
 
     def score(model: LifelongModel, task: str) -> dict:
         record = model.task(task)
         data_dir = Path(data_root) / str(record.get("dataset"))
         if not data_dir.is_dir():
             raise FileNotFoundError(f"{data_dir} not found: run `dvc repro prepare@{record.get('dataset')}`")
-        testset = TestSet(data_dir, record["direction"], size, limit=num_test)
+        task_size = size[task] if isinstance(size, Mapping) else size
+        testset = TestSet(data_dir, record["direction"], task_size, limit=num_test)
         m = translate_split(model.materialize(task, "G_A"), testset, None, batch_size, device, 0, False).metrics
         return {k: m.get(k) for k in METRICS}
     return score

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from piggyback.compare import compare_methods
 from piggyback.config import load_params
-from piggyback.report import _read_json, build_summary, log_pipeline_run, sample_sheet, to_markdown, write_report
+from piggyback.metricsfile import read_record
+from piggyback.report import build_summary, log_pipeline_run, sample_sheet, to_markdown, write_report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,8 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     params = load_params(args.params)
+    print(f"report: one table of {len(params.tasks)} task(s) from metrics/ and models/, plots, and the MLflow "
+          f"pipeline run (seconds) ...", flush=True)
     summary = build_summary(params, args.metrics, args.models)
-    matrix = _read_json(args.metrics / "matrix.json")          # the matrix stage's R[i][j]
+    matrix = read_record(args.metrics, "matrix.json")          # the matrix stage's R[i][j]
     if matrix is not None:
         summary["matrix"] = matrix
     summary["comparison"] = compare_methods(summary, params)   # every run of this suite, by method and seed

@@ -86,7 +86,7 @@ def test_finetune_stores_one_generator_and_forgets(runs):
     checks = check_probes(model, load_probes(ws / "models" / "t3"))
     assert checks["t1"] == {"G_A": False} and checks["t3"] == {"G_A": True}      # t1's probe no longer matches
     assert model.task("t1")["overwritten_by"] == {"G_A": "t3"}
-    forgetting = json.loads((ws / "metrics" / "forgetting.json").read_text())  # the audit passed, recording drift
+    forgetting = json.loads((ws / "metrics" / "info" / "forgetting.json").read_text())  # the audit passed, recording drift
     t1 = forgetting["tasks"]["t1"]
     assert t1["exact"] is False and t1["max_abs_diff"] > 0
     assert t1["generators"]["G_A"]["overwritten_by"] == "t3"
@@ -103,7 +103,7 @@ def test_piggyback_matches_every_probe_and_the_accounting(runs):
     assert [r["stored_params"] for r in model.tasks] == \
         [g_a[0]["stored_params"], g_a[1]["stored_params"] + g_b[0]["stored_params"],
          g_a[2]["stored_params"] + g_b[0]["stored_params"]]
-    forgetting = json.loads((runs["piggyback"] / "metrics" / "forgetting.json").read_text())
+    forgetting = json.loads((runs["piggyback"] / "metrics" / "info" / "forgetting.json").read_text())
     assert forgetting["all_exact"] is True
 
 
@@ -135,7 +135,7 @@ def test_report_puts_the_methods_side_by_side(runs):
 
 
 def _matrix(ws: Path) -> dict:
-    return json.loads((ws / "metrics" / "matrix.json").read_text())
+    return json.loads((ws / "metrics" / "info" / "matrix.json").read_text())
 
 
 @pytest.mark.parametrize("method", ["piggyback", "separate"])
@@ -161,5 +161,5 @@ def test_matrix_of_finetuning_changes_down_every_earlier_column(runs):
     assert m["evaluated"] == 3                                            # t1 @ t2, t1 @ t3, t2 @ t3
     assert m["summary"]["l1"]["bwt"] == pytest.approx(((r[2][0] - r[0][0]) + (r[2][1] - r[1][1])) / 2)
     assert m["summary"]["l1"]["final_mean"] == pytest.approx(sum(r[2]) / 3)
-    forgetting = json.loads((runs["finetune"] / "metrics" / "forgetting.json").read_text())
+    forgetting = json.loads((runs["finetune"] / "metrics" / "info" / "forgetting.json").read_text())
     assert r[2][0] == pytest.approx(forgetting["tasks"]["t1"]["final_l1"], abs=1e-6)   # the audit's rescoring
