@@ -61,6 +61,8 @@ def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     uri = f"sqlite:///{tmp}/mlflow.db"
     mlflow.MlflowClient(uri).create_experiment("piggyback-gan", artifact_location=(tmp / "artifacts").as_uri())
+    mp = pytest.MonkeyPatch()
+    mp.setattr("piggyback.publish.publish_model", lambda *a, **k: None)   # no checkpoint behind these summaries
     _log(_params(tmp, uri, "piggyback", 0), _summary(_params(tmp, uri, "piggyback", 0), 0.90))    # older seed-0 run
     for seed, l1 in ((0, 0.10), (1, 0.12)):
         _log(_params(tmp, uri, "piggyback", seed), _summary(_params(tmp, uri, "piggyback", seed), l1, bwt=0.0))
@@ -69,6 +71,7 @@ def store(tmp_path_factory):
     other = _params(tmp, uri, "piggyback", 2, epochs=2)
     _log(other, _summary(other, 7.0))
     _log(_params(tmp, uri, "piggyback", 2), _summary(_params(tmp, uri, "piggyback", 2), 3.0), status="FAILED")
+    mp.undo()
     return tmp, uri
 
 
