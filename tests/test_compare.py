@@ -133,5 +133,5 @@ def test_header_says_what_each_method_stores(tmp_path):
     uri = "sqlite:///unused.db"
     summary = _summary(_params(tmp_path, uri, "separate", 0), 0.1)
     assert "lambda 1 everywhere" in to_markdown(summary) and "lambda 0.25" not in to_markdown(summary)
-    summary = {**_summary(_params(tmp_path, uri, "piggyback", 0), 0.1), "lam_overrides": {"last": 1.0}}
+    summary = {**_summary(_params(tmp_path, uri, "piggyback", 0), 0.1), "lam_overrides": {"first": None, "last": 1.0}}
     assert "lambda 0.25 (last 1.0)" in to_markdown(summary)
