@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Optional
 
-from piggyback.fsutil import atomic_directory
+from piggyback.fsutil import atomic_directory, temp_beside
 
 # Entries that zip tools add and that are never data (macOS resource forks, Finder metadata).
 JUNK_TOP = {"__MACOSX"}
@@ -207,7 +207,7 @@ def safe_extract(archive: str | Path, dest: str | Path, max_bytes: int, strip_to
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} already exists; refusing to overwrite it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".extract", dir=dest.parent))
+    work = temp_beside(dest, folder=True)
     try:
         writer = _Writer(archive, work / "x", max_bytes)
         if archive_type(archive) == "zip":
