@@ -392,7 +392,7 @@ def translate_folder(checkpoint: Union[str, Path], task: str, input_dir: Union[s
         try:
             with Image.open(p) as img:
                 w, h = ImageOps.exif_transpose(img).size
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:   # a bomb: too many pixels to decode safely
             raise ValueError(f"{p}: not a readable image ({e})") from e
         if w % multiple or h % multiple or min(w, h) < minimum:
             bad.append(f"{p.name} ({w}x{h})")
