@@ -35,7 +35,7 @@ def _ranged(cast: Callable[[str], Any], bounds: tuple) -> Callable[[str], Any]:
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {cast.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {cast.__name__}") from None
         try:
             check_range(repr(text), value, bounds)
         except ConfigError as e:
