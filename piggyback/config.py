@@ -366,7 +366,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return parse_params(raw or {}, str(path))
+    try:
+        return parse_params(raw or {}, str(path))
+    except ConfigError as e:
+        if str(path) in str(e):
+            raise
+        raise ConfigError(f"{path}: {e}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
