@@ -84,11 +84,11 @@ def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
     for item in args.lam_override or []:
         name, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--lam-override {item!r}: expected NAME=VALUE (NAME: first, last or a layer name)")
+            raise ValueError(f"--lam-override {item!r}: expected NAME=VALUE (NAME: first, last or a layer name)")
         try:
             out[name] = _LAM(value)
         except argparse.ArgumentTypeError as e:
-            raise SystemExit(f"--lam-override {item!r}: lambda must be a number in (0, 1] ({e})") from None
+            raise ValueError(f"--lam-override {item!r}: lambda must be a number in (0, 1] ({e})") from None
     if args.last_lam is not None:
         out["last"] = args.last_lam
     return out
