@@ -168,7 +168,7 @@ def rescore_with_final_weights(model: LifelongModel, tasks: list[str], data_root
     """Fine-tuning baseline: L1 / PSNR / SSIM of earlier tasks (G_A) with the final weights on their test splits,
     beside the values right after training (``metrics/tasks/<task>.json``): ``forgetting_l1`` = final - after."""
     from .data.datasets import TestSet
-    from .evaluation import translate_split
+    from .scoring import translate_split
 
     out = {}
     for name in tasks:

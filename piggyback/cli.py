@@ -145,7 +145,7 @@ def _probes(model) -> dict:
     """Forgetting probes for an imported task: two seeded random images per generator (no test set here)."""
     import torch
 
-    from .evaluation import input_multiple
+    from .translate import input_multiple
     from .probes import record_probes
 
     side = max(64, input_multiple(model.config.netG)[1])
@@ -157,7 +157,7 @@ def _probes(model) -> dict:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from .evaluation import translate_folder   # written by the evaluation module; imported only when used
+    from .translate import translate_folder   # imported only when used
 
     _check_device(args.device)
     _check_output_dir(args.output)

@@ -18,7 +18,7 @@ from torch import nn
 from . import accounting
 from .layers import PIGGYBACK_LAYERS
 from .networks import GeneratorConfig, build_generator
-from .norms import TaskBatchNorm2d
+from .taskmodule import TaskModule
 
 METHODS = ("piggyback", "separate", "finetune")
 MODES = {"cyclegan": ("G_A", "G_B"), "pix2pix": ("G_A",)}   # Code (paper): G_A (G: A->B), G_B (F: B->A)
@@ -31,7 +31,7 @@ _RECORD_KEYS = ("name", "mode", "direction", "dataset", "lam", "index", "lambda"
 # -- task operations on a whole network -------------------------------------------------------------------
 def task_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module holding per-task state: piggyback convs and TaskBatchNorm2d."""
-    return [(n, m) for n, m in net.named_modules() if isinstance(m, PIGGYBACK_LAYERS + (TaskBatchNorm2d,))]
+    return [(n, m) for n, m in net.named_modules() if isinstance(m, TaskModule)]
 
 
 def num_tasks(net: nn.Module) -> int:
@@ -122,12 +122,12 @@ def reuse_composed_weights(*nets: nn.Module) -> Iterator[None]:
     """
     layers = [m for net in nets for m in net.modules() if isinstance(m, PIGGYBACK_LAYERS)]
     for m in layers:
-        m._weight_cache = {}
+        m.cache_composed_weights(True)
     try:
         yield
     finally:
         for m in layers:
-            m._weight_cache = None
+            m.cache_composed_weights(False)
 
 
 @torch.no_grad()

@@ -11,17 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import check_task
+from .taskmodule import TaskModule
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-class TaskBatchNorm2d(nn.Module):
+class TaskBatchNorm2d(TaskModule):
     """BatchNorm2d with one set of (weight, bias, running_mean, running_var, num_batches_tracked) per task.
 
     The trainable task uses the plain nn.BatchNorm2d names (Parameters `weight`, `bias`; buffers
     `running_mean`, `running_var`, `num_batches_tracked`); frozen task s uses buffers `<name>_<s>`.
     """
+
+    task_tensors = {name: name for name in _STATE}
 
     def __init__(
         self,
@@ -31,9 +33,7 @@ class TaskBatchNorm2d(nn.Module):
     ):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.num_tasks = 0
-        self.active_task = 0                    # Task `forward` runs (1-based; 0 = none yet).
-        self.trainable_task = 0                 # Task held in Parameters (0 = all frozen).
+        self._num_tasks = 0
         for name in _STATE:
             (self.register_parameter if name in ("weight", "bias") else self.register_buffer)(name, None)
 
@@ -51,7 +51,7 @@ class TaskBatchNorm2d(nn.Module):
         self.running_mean = torch.zeros(c, device=device)
         self.running_var = torch.ones(c, device=device)
         self.num_batches_tracked = torch.zeros((), dtype=torch.long, device=device)
-        self.num_tasks += 1
+        self._num_tasks += 1
         self.trainable_task = self.active_task = self.num_tasks
         self.reset_parameters()
 
@@ -62,38 +62,9 @@ class TaskBatchNorm2d(nn.Module):
             nn.init.normal_(self.weight, 1.0, 0.02)
             nn.init.zeros_(self.bias)
 
-    @torch.no_grad()
-    def freeze(self) -> None:
-        """Move the trainable task's affine parameters and statistics into per-task buffers."""
-        t = self.trainable_task
-        if not t:
-            return
-        for name in _STATE:
-            self.register_buffer(f"{name}_{t}", getattr(self, name).detach().clone())
-            setattr(self, name, None)
-        self.trainable_task = 0
-
-    @torch.no_grad()
-    def thaw(self) -> None:
-        """Make the last (frozen) task trainable again (fine-tuning baseline)."""
-        t = self.num_tasks
-        if not t or self.trainable_task:
-            return
-        for name in _STATE:
-            value = self._buffers.pop(f"{name}_{t}")
-            setattr(self, name, nn.Parameter(value) if name in ("weight", "bias") else value)
-        self.trainable_task = t
-
-    def set_task(self, t: int) -> None:
-        check_task(t, self.num_tasks)
-        self.active_task = t
-
-    def task_state(self, t: int) -> dict[str, Tensor]:
-        """Task t's own tensors: affine parameters and running statistics."""
-        check_task(t, self.num_tasks)
-        if t == self.trainable_task:
-            return {name: getattr(self, name) for name in _STATE}
-        return {name: self._buffers[f"{name}_{t}"] for name in _STATE}
+    @property
+    def num_tasks(self) -> int:
+        return self._num_tasks
 
     def _device(self) -> torch.device:
         for tensor in list(self._buffers.values()) + list(self._parameters.values()):
@@ -103,9 +74,7 @@ class TaskBatchNorm2d(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        t = self.active_task
-        if not t:
-            raise RuntimeError("TaskBatchNorm2d has no task yet: call add_task() first")
+        t = self._active()
         if t == self.trainable_task:
             # Exactly nn.BatchNorm2d: batch statistics in train mode, running statistics updated.
             if self.training:

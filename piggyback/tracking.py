@@ -8,11 +8,12 @@ of the process-global fluent API, so several trackers may coexist in one process
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 from piggyback.config import MlflowConfig
 
@@ -151,3 +152,30 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def log_evaluation(cfg: MlflowConfig, run_id: Optional[str], metrics: dict[str, Any],
+                   artifacts: Iterable[Path] = ()) -> str:
+    """Log `metrics` into the task's training run: numbers as metrics, text as ``eval.*`` tags; grids as
+    artifacts. Returns a one-line note of what happened (skipped, logged, or why logging failed)."""
+    if not cfg.enabled:
+        return "MLflow disabled (mlflow.enabled: false): not logged"
+    if not run_id:
+        return "the task record has no mlflow_run_id: not logged to MLflow"
+    numbers = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    tags = {f"eval.{k}": v for k, v in metrics.items() if isinstance(v, (str, bool))}
+    try:
+        tracker = open_run(cfg, rank=0, run_name="", run_id=run_id)
+    except Exception as e:  # noqa: BLE001 - the JSON file is the record; a tracking failure is only a warning
+        return f"MLflow: could not reopen run {run_id} ({type(e).__name__}: {e}): not logged"
+    try:
+        tracker.log_metrics(numbers)
+        tracker.set_tags(tags)
+        for path in artifacts:
+            tracker.log_artifact(path, "evaluation")
+    except Exception as e:  # noqa: BLE001
+        return f"MLflow: logging into run {run_id} failed ({type(e).__name__}: {e})"
+    finally:
+        tracker.end("FINISHED")  # reopening marked the (finished) training run RUNNING: restore its status
+    return f"logged {len(numbers)} metrics into MLflow run {run_id}"

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from piggyback.checkpoint import CheckpointError
 from piggyback.config import ConfigError, load_params, task_recipe
-from piggyback.evaluation import FidUnavailableError, evaluate_task, log_evaluation
+from piggyback.evaluation import evaluate_task
 from piggyback.fsutil import atomic_write_json
-from piggyback.tracking import repo_root
+from piggyback.scoring import FidUnavailableError
+from piggyback.tracking import log_evaluation, repo_root
 
 
 class StageError(RuntimeError):

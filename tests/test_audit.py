@@ -18,7 +18,7 @@ from PIL import Image
 from piggyback import load_lifelong, save_lifelong
 from piggyback.checkpoint import GENERATORS, load_probes
 from piggyback.cli import main as cli
-from piggyback.evaluation import translate_folder
+from piggyback.translate import translate_folder
 from stages import audit as audit_stage
 from test_evaluation import SIZE, make_chain, make_data, write_params
 

@@ -222,7 +222,7 @@ def test_both_forward_orders_compute_the_same_map_and_gradients(transposed, orde
         got[name] = [y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
     for a, b in zip(got["compose"], got["mix_outputs"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    weight, bias = layer.task_weight_bias(3)
+    weight, bias = layer.task_weight(3), layer.task_state(3).get("bias")
     conv = F.conv_transpose2d if transposed else F.conv2d
     torch.testing.assert_close(got["mix_outputs"][0], conv(x, weight, bias, 2, 1).detach(), rtol=1e-5, atol=1e-6)
 
@@ -231,8 +231,8 @@ def test_both_forward_orders_compute_the_same_map_and_gradients(transposed, orde
 def test_auto_order_mixes_outputs_only_where_the_map_is_small(transposed):
     layer = _grow(_layer(transposed, cin=256, cout=256, k=4, stride=2, padding=1), [None, 0.25, 0.25])
     n_bank, p = layer.mix_weights.shape
-    assert layer._mix_outputs_is_cheaper(torch.empty(1, 256, 2, 2), n_bank, p)        # U-Net bottleneck
-    assert not layer._mix_outputs_is_cheaper(torch.empty(1, 256, 128, 128), n_bank, p)  # outer layer
+    assert layer.order_for(torch.empty(1, 256, 2, 2), n_bank, p) == "mix_outputs"    # U-Net bottleneck
+    assert layer.order_for(torch.empty(1, 256, 128, 128), n_bank, p) == "compose"  # outer layer
 
 
 @pytest.mark.parametrize("transposed", [False, True])
