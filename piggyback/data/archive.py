@@ -172,6 +172,8 @@ def _check_zip_member(archive: Path, info: zipfile.ZipInfo) -> None:
     kind = _zip_kind(info)
     if kind in ("symlink", "device"):
         raise UnsafeArchiveError(f"{archive}: refusing {kind} member {info.filename!r}")
+    if kind == "dir" and info.file_size:   # the central directory has no checksum: a flipped mode bit
+        raise corrupt(archive, f"folder member {info.filename!r} holds {info.file_size} bytes")
     if info.flag_bits & 0x1:
         raise ArchiveError(f"{archive}: member {info.filename!r} is encrypted; extract the archive by hand with "
                            "its password and use source: folder")
