@@ -182,6 +182,12 @@ def _check_zip_member(archive: Path, info: zipfile.ZipInfo) -> None:
                            "which Python cannot read; repack the archive (zip -r) and run again")
 
 
+def _declared_members(zf: zipfile.ZipFile) -> Optional[int]:
+    """The member count of the end-of-central-directory record (zipfile reads it but keeps it private)."""
+    end = zipfile._EndRecData(zf.fp)  # noqa: SLF001
+    return end[zipfile._ECD_ENTRIES_TOTAL] if end else None  # noqa: SLF001
+
+
 def _extract_zip(archive: Path, writer: _Writer, max_members: int) -> None:
     try:
         zf = zipfile.ZipFile(archive)
@@ -190,6 +196,10 @@ def _extract_zip(archive: Path, writer: _Writer, max_members: int) -> None:
     with zf:
         # Validate every member before writing the first byte: the central directory is cheap to read.
         _count(archive, len(zf.infolist()), max_members)
+        declared = _declared_members(zf)
+        if declared is not None and declared != len(zf.infolist()):   # e.g. a damaged comment length hid some
+            raise corrupt(archive, f"the central directory declares {declared} members, {len(zf.infolist())} "
+                                   "could be read")
         plan = []
         for info in zf.infolist():
             _check_zip_member(archive, info)
@@ -203,7 +213,8 @@ def _extract_zip(archive: Path, writer: _Writer, max_members: int) -> None:
                 continue
             try:
                 src = zf.open(info)
-            except (*_READ_ERRORS, RuntimeError) as e:  # RuntimeError: encrypted despite its flag bits
+            except (*_READ_ERRORS, RuntimeError, OSError) as e:  # RuntimeError: encrypted despite its flags;
+                                                                 # OSError: a member offset before the start
                 raise corrupt(archive, f"member {info.filename!r}: {e}") from e
             with src:                                   # ZipExtFile checks the member's CRC at its end
                 writer.write(rel, _Checked(src, archive))
