@@ -77,7 +77,7 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a lifelong checkpoint folder?)")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(), parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON (truncated or edited?): {e}") from e
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
@@ -90,6 +90,10 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: content does not match its meta_sha256: the file was modified or damaged")
     check_meta(meta, path)
     return meta
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")   # Python's json would read NaN / Infinity
 
 
 def _need(ok: Any, path: Path, field: str, problem: str) -> None:

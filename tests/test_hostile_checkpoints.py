@@ -69,7 +69,7 @@ def test_tampered_meta_fields_are_checkpoint_errors_naming_the_field(ckpt, tmp_p
     assert str(out / "meta.json") in str(info.value) and f"field {field}" in str(info.value)
 
 
-_JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=4),
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4),
                      lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
                      max_leaves=6)
 
@@ -82,6 +82,14 @@ def test_any_json_in_a_meta_field_gives_a_checkpoint_error_or_loads(ckpt, tmp_pa
         load_lifelong(out)
     except CheckpointError as e:                   # any other exception fails the test
         assert str(out) in str(e)
+
+
+def test_non_finite_numbers_in_meta_are_refused(ckpt, tmp_path):
+    out = _tampered(ckpt, tmp_path, lambda meta: None)
+    text = (out / "meta.json").read_text()
+    (out / "meta.json").write_text(text.replace('"format_version": 1', '"format_version": 1, "x": Infinity'))
+    with pytest.raises(CheckpointError, match="Infinity is not a JSON number"):
+        load_lifelong(out)
 
 
 def _snap(tmp_path):
