@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 TEMP_GLOB = ".*.tmp"                                      # The pattern in .dvcignore.
-_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")     # What `tempfile` makes of our prefix and suffix.
+# What `tempfile` makes of our prefix and suffix (".old": swapped-out folders of earlier versions).
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.(tmp|old)")
 
 
 _TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
@@ -70,8 +71,8 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     Call it at the start of a stage, before anything writes there: a temporary of a running writer
     in the same folder would be removed too.
     """
-    removed = []
-    for root, dirs, files in os.walk(folder):
+    removed: list[Path] = []
+    for root, dirs, files in os.walk(folder):   # a missing folder yields nothing
         for name in [d for d in dirs if _TEMP_NAME.fullmatch(d)]:
             dirs.remove(name)                       # removed whole: do not walk into it
             shutil.rmtree(Path(root) / name, ignore_errors=True)
@@ -175,16 +176,3 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_stale_temps(root: str | Path) -> list[Path]:
-    """Delete the temporaries a killed writer left under `root` (`.<name>.<random>.tmp` / `.old`, files or
-    folders, at any depth); returns them. Call when a stage starts, before it writes under `root`."""
-    root, removed = Path(root), []
-    for path in sorted(root.rglob(".*.*.tmp")) + sorted(root.rglob(".*.*.old")) if root.is_dir() else []:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
