@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from .config import GENERATORS as NETS
-from .config import NORMS, RANGES, ConfigError, GeneratorConfig, check_name, check_range
+from .config import NORMS, RANGES, ConfigError, GeneratorConfig, check_lam, check_name, check_range
 from .fsutil import atomic_directory, atomic_write_json, sha256_file
 from .lifelong import DIRECTIONS, METHODS, MODES, LifelongModel, task_hash
 from .snapshot import to_cpu
@@ -101,10 +101,9 @@ def _need(ok: Any, path: Path, field: str, problem: str) -> None:
 
 
 def _lam(value: Any, path: Path, field: str) -> None:
-    _need(isinstance(value, (int, float)) and not isinstance(value, bool), path, field, f"{value!r} is not a number")
     try:
-        check_range(field, value, RANGES["ModelConfig.lam"])
-    except ConfigError as e:
+        check_lam(value, field)
+    except ValueError as e:
         raise CheckpointError(f"{path}: field {e}") from None
 
 
