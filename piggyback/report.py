@@ -20,6 +20,7 @@ from typing import Any, Optional
 from piggyback.config import Params
 from piggyback.donothing import REFERENCES, SCORES, reference_markdown
 from piggyback.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from piggyback.matrix import matrix_metrics
 from piggyback.metricsfile import numbers_only, read_record
 
 QUALITY = ("fid", "kid", "l1", "psnr", "ssim")
@@ -33,8 +34,6 @@ COLUMNS = (
 # metrics/per_task.json (summary key -> short name: `dvc exp show` columns read t1.l1, t1.stored, ...).
 PER_TASK = {"l1": "l1", "psnr": "psnr", "ssim": "ssim", "fid": "fid", "kid": "kid", "stored_params": "stored",
             "new_params": "new", **{k: k for k in DO_NOTHING}}
-# Per-task numbers compared across methods (piggyback / separate / finetune), read back from MLflow.
-COMPARED = ("fid", "l1", "final_l1", "forgetting_l1", "stored_params", "forgetting_max_abs_diff")
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -120,77 +119,22 @@ def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
         "suite": suite_signature(params),
         "final_checkpoint": str(models_dir / order[-1]),
         "netG": params.model.netG, "ngf": params.model.ngf, "lam": params.model.lam,
+        "lam_overrides": dict(params.model.lam_overrides),
         "tasks": rows,
     }
 
 
 def suite_signature(params: Params) -> str:
-    """What must be equal for two pipeline runs to be compared as methods: everything but train.method."""
+    """What must be equal for two pipeline runs to be aggregated together: everything but the method and
+    the seed (the two axes a comparison runs over), and the process count."""
     from piggyback.config import as_dict, task_recipe
 
     train = {k: v for k, v in as_dict(params.train).items() if k not in ("method", "nproc")}
-    body = {"base": as_dict(params.base), "data": as_dict(params.data), "model": as_dict(params.model),
+    base = {k: v for k, v in as_dict(params.base).items() if k != "seed"}
+    body = {"base": base, "data": as_dict(params.data), "model": as_dict(params.model),
             "train": train, "datasets": as_dict(params.datasets),
             "tasks": [as_dict(task_recipe(params, t)) for t in params.task_order()]}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def compare_methods(summary: dict, params: Params) -> dict:
-    """This run's method beside the newest finished pipeline run of every other method on the same suite.
-
-    Other methods come from the MLflow store (``dvc exp run -S train.method=separate`` logged them):
-    ``{"methods": [...], "runs": {method: run_id}, "tasks": [{"name", <method>: {fid, l1, final_l1, ...}}]}``.
-    """
-    own = summary["method"]
-    per_method: dict[str, dict[str, dict]] = {own: {r["name"]: {k: r.get(k) for k in COMPARED} for r in summary["tasks"]}}
-    runs: dict[str, Optional[str]] = {own: None}
-    if params.mlflow.enabled:
-        for method, run in _latest_pipeline_runs(params, summary["suite"]).items():
-            if method == own:
-                continue
-            runs[method] = run.info.run_id
-            per_method[method] = {r["name"]: {k: _metric(run, k, r["name"]) for k in COMPARED} for r in summary["tasks"]}
-    methods = [m for m in ("piggyback", "separate", "finetune") if m in per_method]
-    methods += sorted(set(per_method) - set(methods))
-    return {"methods": methods, "runs": runs,
-            "tasks": [{"name": r["name"], **{m: per_method[m][r["name"]] for m in methods}} for r in summary["tasks"]]}
-
-
-def _metric(run: Any, key: str, task: str) -> Optional[float]:
-    v = _finite(run.data.metrics.get(f"{key}/{task}"))
-    return int(v) if v is not None and key.endswith("_params") else v   # MLflow stores counts as floats
-
-
-def _latest_pipeline_runs(params: Params, suite: str) -> dict[str, Any]:
-    """method -> newest FINISHED MLflow pipeline run with this suite signature."""
-    import mlflow
-
-    from piggyback import tracking
-
-    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(params.mlflow))
-    exp = client.get_experiment_by_name(params.mlflow.experiment)
-    if exp is None:
-        return {}
-    found: dict[str, Any] = {}
-    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=200,
-                                  filter_string=f"tags.kind = 'pipeline' and tags.suite = '{suite}' "
-                                                "and attributes.status = 'FINISHED'"):
-        found.setdefault(run.data.tags.get("method", "?"), run)
-    return found
-
-
-def comparison_markdown(comparison: dict) -> str:
-    head = ["task", "method", "FID", "L1 after training", "L1 at the end", "forgetting (L1 change)", "stored params"]
-    lines = ["## Methods side by side", "",
-             "The same suite trained with each method (newest run of each in MLflow; run another with "
-             "`dvc exp run -S train.method=separate` or `finetune`).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for t in comparison["tasks"]:
-        for m in comparison["methods"]:
-            v = t[m]
-            lines.append("| " + " | ".join([t["name"], m] + [_fmt(v[k]) for k in
-                         ("fid", "l1", "final_l1", "forgetting_l1", "stored_params")]) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _fmt(v: Any) -> str:
@@ -205,11 +149,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _lambda_text(summary: dict) -> str:
+    """What the method stores per task: the baselines ignore model.lam."""
+    if summary["method"] == "separate":
+        return "lambda 1 everywhere: a full generator per task"
+    if summary["method"] == "finetune":
+        return "one generator re-trained by every task"
+    over = summary.get("lam_overrides") or {}
+    return f"lambda {summary['lam']}" + (f" ({', '.join(f'{k} {v}' for k, v in over.items())})" if over else "")
+
+
 def to_markdown(summary: dict) -> str:
     head = ["task", "dataset", "mode", "FID", "KID", "L1", "PSNR", "SSIM", "new params",
             "stored params", "separate models", "stored/separate", "forgetting (max abs diff)"]
     lines = [
-        f"# Piggyback GAN summary ({summary['method']}, {summary['netG']}, ngf {summary['ngf']}, lambda {summary['lam']})",
+        f"# Piggyback GAN summary ({summary['method']}, {summary['netG']}, ngf {summary['ngf']}, {_lambda_text(summary)})",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -228,6 +182,8 @@ def to_markdown(summary: dict) -> str:
     lines += ["", "L1 is the mean absolute error on [0, 1] against the true target image; PSNR in dB; "
               "stored params count conv weights and biases of every task kept (norm parameters excluded)."]
     if len(summary.get("comparison", {}).get("methods", [])) > 1:
+        from piggyback.compare import comparison_markdown
+
         lines += ["", comparison_markdown(summary["comparison"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
@@ -284,33 +240,10 @@ def _plots(summary: dict, out_dir: Path) -> list[Path]:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     if "comparison" in summary:
-        paths.append(_comparison_plot(plt, summary["comparison"], out_dir / "comparison.png"))
+        from piggyback.compare import comparison_plot
+
+        paths.append(comparison_plot(plt, summary["comparison"], out_dir / "comparison.png"))
     return paths
-
-
-def _comparison_plot(plt, comparison: dict, path: Path) -> Path:
-    """Stored parameters after each task, and L1 after training vs at the end, one colour per method."""
-    names, methods = [t["name"] for t in comparison["tasks"]], comparison["methods"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    width = 0.8 / max(len(methods), 1)
-    for i, m in enumerate(methods):
-        stored = [t[m]["stored_params"] for t in comparison["tasks"]]
-        ax1.plot(names, [v / 1e6 if v is not None else float("nan") for v in stored], "o-", label=m)
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(names))]
-        after = [t[m]["l1"] if t[m]["l1"] is not None else 0.0 for t in comparison["tasks"]]
-        end = [t[m]["final_l1"] if t[m]["final_l1"] is not None else 0.0 for t in comparison["tasks"]]
-        ax2.bar(xs, end, width, label=f"{m} (end)", alpha=0.85)
-        ax2.scatter(xs, after, marker="_", s=200, color="black", zorder=3)
-    ax1.set(title="Stored parameters after each task", xlabel="after task", ylabel="M")
-    ax2.set(title="L1 at the end (bars) vs after training (ticks)", xticks=range(len(names)), xticklabels=names,
-            ylabel="L1 (lower is better)")
-    ax1.legend()
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
 
 
 def write_report(summary: dict, metrics_dir: Path) -> list[Path]:
@@ -409,6 +342,7 @@ def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Option
             for key in QUALITY + ("new_params", "stored_params", "separate_params", "forgetting_max_abs_diff", "final_l1", "forgetting_l1"):
                 if _finite(r.get(key)) is not None:
                     metrics[f"{key}/{r['name']}"] = float(r[key])
+        metrics.update(matrix_metrics(summary.get("matrix")))
         tracker.log_metrics(metrics)
         table = {c: [r.get(c) for r in summary["tasks"]] for c in COLUMNS}
         tracker.log_table(table, artifact_file="summary_table.json")

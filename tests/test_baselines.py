@@ -1,7 +1,7 @@
 """Baselines through the same stages: `separate` (a full generator per task) and `finetune` (one generator
 re-trained task after task), beside `piggyback`, on a tiny embedded suite, and the report's side-by-side table.
 
-Each method runs init -> train x3 -> evaluate x3 -> audit -> report in this process with one shared
+Each method runs init -> train x3 -> evaluate x3 -> audit -> matrix -> report in this process with one shared
 MLflow store, as `dvc exp run -S train.method=...` would.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from piggyback.checkpoint import load_lifelong, load_probes
 from piggyback.probes import check_probes
 from stages import audit as audit_stage
 from stages import evaluate as evaluate_stage
+from stages import matrix as matrix_stage
 from stages import report as report_stage
 from train_helpers import make_data, run_init, run_train, single_thread, write_params  # noqa: F401
 
@@ -52,6 +53,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                 evaluate_stage.main([t, *common, "--data", str(data), "--out", str(ws / "translated"),
                                      "--fid-cache", str(root / "fid_cache")])
             audit_stage.main([*common, "--data", str(data)])
+            matrix_stage.main([*common, "--data", str(data)])
             report_stage.main(common)
             out[method] = ws
     finally:
@@ -115,13 +117,49 @@ def test_report_puts_the_methods_side_by_side(runs):
     for method in METHODS:                                       # stored params as each checkpoint recorded
         records = {r["name"]: r for r in load_lifelong(runs[method] / "models" / "t3").tasks}
         for name, t in by_name.items():
-            assert t[method]["stored_params"] == records[name]["stored_params"], (method, name)
-            assert t[method]["l1"] is not None
-    assert by_name["t1"]["piggyback"]["forgetting_l1"] == 0.0
-    assert by_name["t1"]["finetune"]["forgetting_l1"] != 0.0
-    assert by_name["t3"]["finetune"]["forgetting_l1"] == 0.0     # the last task is not forgotten yet
+            assert t[method]["stored_params"] == {"mean": records[name]["stored_params"], "std": None, "n": 1}
+            assert t[method]["l1"]["n"] == 1
+    assert by_name["t1"]["piggyback"]["forgetting_l1"]["mean"] == 0.0
+    assert by_name["t1"]["finetune"]["forgetting_l1"]["mean"] != 0.0
+    assert by_name["t3"]["finetune"]["forgetting_l1"]["mean"] == 0.0     # the last task is not forgotten yet
+    assert comparison["matrix"]["piggyback"]["bwt_l1"]["mean"] == 0.0
+    assert comparison["matrix"]["finetune"]["bwt_l1"]["mean"] != 0.0
     md = (ws / "metrics" / "summary.md").read_text()
     assert "## Methods side by side" in md and md.count("| t1 | ") == 1 + len(METHODS)
+    assert {"name", "l1", "psnr", "ssim", "fid", "kid", "stored_params", "separate_params",
+            "forgetting_max_abs_diff"} <= set(summary["tasks"][0])        # per-task rows stay beside the aggregates
+    assert summary["matrix"]["method"] == "finetune"
     assert (ws / "metrics" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     # The first method, reported alone, has no side-by-side section.
     assert "Methods side by side" not in (runs["piggyback"] / "metrics" / "summary.md").read_text()
+
+
+def _matrix(ws: Path) -> dict:
+    return json.loads((ws / "metrics" / "info" / "matrix.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["piggyback", "separate"])
+def test_matrix_columns_are_constant_when_nothing_is_forgotten(runs, method):
+    m = _matrix(runs[method])
+    assert m["tasks"] == list(TASKS) and m["method"] == method
+    for metric, r in m["metrics"].items():
+        for j in range(3):
+            assert r[j][j] is not None and all(r[i][j] == r[j][j] for i in range(j, 3)), (metric, j)
+            assert all(r[i][j] is None for i in range(j))                 # task j is not learned before i = j
+        assert m["summary"][metric]["bwt"] == 0.0
+    # bit-identical earlier tasks reuse their scores; the diagonal is the evaluate stage's own number
+    assert m["evaluated"] == 0 and m["reused"] == 6
+    for j, t in enumerate(TASKS):
+        assert m["metrics"]["l1"][j][j] == json.loads((runs[method] / "metrics" / "tasks" / f"{t}.json").read_text())["l1"]
+    assert (runs[method] / "metrics" / "matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_matrix_of_finetuning_changes_down_every_earlier_column(runs):
+    m = _matrix(runs["finetune"])
+    r = m["metrics"]["l1"]
+    assert r[1][0] != r[0][0] and r[2][0] != r[1][0] and r[2][1] != r[1][1]
+    assert m["evaluated"] == 3                                            # t1 @ t2, t1 @ t3, t2 @ t3
+    assert m["summary"]["l1"]["bwt"] == pytest.approx(((r[2][0] - r[0][0]) + (r[2][1] - r[1][1])) / 2)
+    assert m["summary"]["l1"]["final_mean"] == pytest.approx(sum(r[2]) / 3)
+    forgetting = json.loads((runs["finetune"] / "metrics" / "info" / "forgetting.json").read_text())
+    assert r[2][0] == pytest.approx(forgetting["tasks"]["t1"]["final_l1"], abs=1e-6)   # the audit's rescoring
