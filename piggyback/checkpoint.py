@@ -1,7 +1,7 @@
 """Lifelong checkpoints: one folder per task holding tasks 1..t as state dicts + JSON metadata.
 
 Follows nanoGPT / nanochat (the checkpoint carries its config; the network is rebuilt from it, never
-unpickled) and STYLE.md 12. Layout (docs/architecture.md, Checkpoints):
+unpickled). Layout (docs/architecture.md, Checkpoints):
     generators.pt   {"G_A": state_dict, "G_B": state_dict}   (torch.load(weights_only=True))
     probes.pt       optional {task: tensors} written by training, checked by the audit
     meta.json       format_version, config, method, per-bank lambdas, task records (counts, tensor
@@ -85,8 +85,14 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _load_file(ckpt_dir: Path, name: str, meta: dict, map_location: Any) -> Any:
-    """torch.load one file after checking its sha256 against meta.json."""
+def verify_files(ckpt_dir: str | Path) -> list[Path]:
+    """Check every file meta.json lists against its sha256 (without loading); CheckpointError names the file."""
+    meta = read_meta(ckpt_dir)
+    return [_check_file(Path(ckpt_dir), name, meta) for name in meta["files"]]
+
+
+def _check_file(ckpt_dir: Path, name: str, meta: dict) -> Path:
+    """The path of a file of the checkpoint, after checking its sha256 against meta.json."""
     path = ckpt_dir / name
     expected = meta["files"].get(name)
     if expected is None:
@@ -97,6 +103,12 @@ def _load_file(ckpt_dir: Path, name: str, meta: dict, map_location: Any) -> Any:
     if actual != expected:
         raise CheckpointError(f"{path}: sha256 {actual[:12]}... does not match meta.json ({expected[:12]}...): "
                               "the file is truncated or was modified")
+    return path
+
+
+def _load_file(ckpt_dir: Path, name: str, meta: dict, map_location: Any) -> Any:
+    """torch.load one file after checking its sha256 against meta.json."""
+    path = _check_file(ckpt_dir, name, meta)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is reported against the file
@@ -147,7 +159,7 @@ def load_probes(ckpt_dir: str | Path, map_location: Any = "cpu") -> Optional[dic
 def check_compatible(model: LifelongModel, model_cfg: Any, method: Optional[str] = None) -> None:
     """Raise CheckpointError naming the first key where `model`'s architecture differs from the requested
     `ModelConfig` (params.yaml `model:`) or `method`; training calls this before adding a task."""
-    wanted = GeneratorConfig.from_model_config(model_cfg) if not isinstance(model_cfg, GeneratorConfig) else model_cfg
+    wanted = GeneratorConfig.from_model_config(model_cfg)
     have = model.config.to_dict()
     for key, value in wanted.to_dict().items():
         if have[key] != value:

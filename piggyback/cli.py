@@ -4,6 +4,7 @@ Utilities around the pipeline (whose hyperparameters live in params.yaml, not in
     piggyback growth --netG resnet_9blocks --ngf 64 --tasks 4 --lam 0.25 [--last-lam 1.0] [--json]
     piggyback import-reference latest_net_G.pth --netG resnet_9blocks --ngf 64 --out models/pretrained
     piggyback translate --checkpoint models/t3 --task facades --input DIR --output DIR
+    piggyback check-params [params.yaml]
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-GENERATORS = ("resnet_6blocks", "resnet_9blocks", "unet_128", "unet_256")
+from .config import GENERATORS, LAYER_GROUPS, NORMS
 
 
 def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
@@ -20,7 +21,7 @@ def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
     for item in args.lam_override or []:
         name, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--lam-override {item!r}: expected NAME=VALUE (NAME: first, last or a layer name)")
+            raise SystemExit(f"--lam-override {item!r}: expected NAME=VALUE (NAME: a layer group, {', '.join(LAYER_GROUPS)}, or a layer name)")
         out[name] = float(value)
     if args.last_lam is not None:
         out["last"] = args.last_lam
@@ -30,14 +31,14 @@ def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netG", choices=GENERATORS, default="resnet_9blocks")
     p.add_argument("--ngf", type=int, default=64, help="filters of the first conv (default 64)")
-    p.add_argument("--norm", choices=("instance", "batch", "none"), default=None,
+    p.add_argument("--norm", choices=NORMS, default=None,
                    help="default: instance for resnet_*, batch for unet_* (junyanz)")
     p.add_argument("--input-nc", type=int, default=3)
     p.add_argument("--output-nc", type=int, default=3)
     p.add_argument("--lam", type=float, default=0.25, help="unconstrained fraction per task (default 0.25)")
     p.add_argument("--last-lam", type=float, default=None, help="lambda of the output layer (e.g. 1.0 for U-Net)")
     p.add_argument("--lam-override", action="append", metavar="NAME=VALUE",
-                   help="per-layer lambda; NAME is first, last or a layer name (repeatable)")
+                   help=f"per-layer lambda; NAME is a layer group ({', '.join(LAYER_GROUPS)}) or a layer name (repeatable)")
     p.add_argument("--method", choices=("piggyback", "separate", "finetune"), default="piggyback")
 
 
@@ -88,6 +89,16 @@ def _probes(model) -> dict:
     return record_probes(model, record["name"], inputs)
 
 
+def _check_params(args: argparse.Namespace) -> int:
+    """Validate params.yaml the way every stage will, before DVC deletes any output."""
+    from .config import load_params
+
+    params = load_params(args.path)
+    order = params.task_order()
+    print(f"{args.path}: valid ({len(params.datasets)} datasets; tasks {' -> '.join(order) or 'none'})")
+    return 0
+
+
 def _translate(args: argparse.Namespace) -> int:
     from .translate import translate_folder   # imported only when used
 
@@ -119,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB")
     p.add_argument("--out", required=True, help="new checkpoint folder (must not exist)")
     p.set_defaults(func=_import_reference)
+
+    p = sub.add_parser("check-params", help="validate params.yaml (`make repro` runs it before `dvc repro`)")
+    p.add_argument("path", nargs="?", default="params.yaml")
+    p.set_defaults(func=_check_params)
 
     p = sub.add_parser("translate", help="translate a folder of images with one task of a checkpoint")
     p.add_argument("--checkpoint", required=True)

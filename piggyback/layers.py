@@ -1,9 +1,9 @@
 """Piggyback convolutions: each task's filters = new unconstrained filters + combinations of a frozen bank.
 
 Implements one layer of Zhai et al., "Piggyback GAN: Efficient Lifelong Learning for Image Conditioned
-Generation", ECCV 2020 (arXiv 2104.11939), as written in DESIGN.md section 2.1. Unlike the public code
-(reference/piggyback.md section 2) the piggyback filters are true combinations of bank filters (bug B1)
-and every task keeps its own bias (bug B3).
+Generation", ECCV 2020 (arXiv 2104.11939), as docs/method.md states it. Unlike the public code the
+piggyback filters are true combinations of bank filters and every task keeps its own bias (docs/method.md,
+"Piggyback filters in the span of the bank" and "Every per-task tensor stored").
 
 Paper symbols -> names here: F (filter bank) -> `filter_bank`, unconstrained filters U_t -> `new_filters`,
 piggyback weight matrix W_t -> `mix_weights`, lambda -> `lam`, m = ceil(lam * n), p = n - m.
@@ -17,18 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import check_lam
 from .taskmodule import TaskModule
 
 
 def num_unconstrained(lam: float, n: int) -> int:
     """m = ceil(lam * n), the number of new filters a task adds; immune to float noise (0.1 * 30 -> 3)."""
-    if not 0 < lam <= 1:
-        raise ValueError(f"lambda must be in (0, 1], got {lam!r}")
-    return math.ceil(round(lam * n, 6))
+    return math.ceil(round(check_lam(lam, "lam") * n, 6))
 
 
 def compose_weight(bank: Tensor, mix: Optional[Tensor], new: Tensor, transposed: bool) -> Tensor:
-    """Dense weight of one task: W = cat([U, P]) along the filter axis (DESIGN.md 2.1).
+    """Dense weight of one task: W = cat([U, P]) along the filter axis (docs/method.md).
 
     Conv2d (filters on dim 0):          P = einsum('nchw,np->pchw', bank, mix)
     ConvTranspose2d (filters on dim 1): P = einsum('cnhw,np->cphw', bank, mix)
@@ -89,7 +88,6 @@ class _PiggybackConvNd(TaskModule):
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] = 0,
         bias: bool = True,                      # Per-task bias (False before batch norm, as junyanz).
-        lam: float = 0.25,                      # Default unconstrained fraction for tasks >= 2.
         output_padding: int | tuple[int, int] = 0,  # ConvTranspose2d only.
     ):
         super().__init__()
@@ -98,8 +96,6 @@ class _PiggybackConvNd(TaskModule):
         self.kernel_size, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
         self.output_padding = pair(output_padding)
         self.has_bias = bias
-        num_unconstrained(lam, out_channels)    # validates lam
-        self.lam = lam
         self.lams: list[float] = []             # One lambda per task; task 1 is recorded as 1.0.
         self.register_buffer("filter_bank", torch.empty(self._filter_shape(0)))
         self.register_parameter("new_filters", None)
@@ -136,10 +132,11 @@ class _PiggybackConvNd(TaskModule):
         return sum(self.num_new(s) for s in range(1, t))
 
     # -- task operations ---------------------------------------------------------------------------
-    def add_task(self, lam: Optional[float] = None) -> None:
-        """Freeze the trainable task (if any), add a new trainable task with fresh N(0, 0.02) tensors, run it."""
-        self.freeze()
-        lam = 1.0 if self.num_tasks == 0 else float(self.lam if lam is None else lam)
+    def _new_task(self, lam: Optional[float]) -> None:
+        """Fresh trainable tensors for a task of lambda `lam` (1.0 for task 1): m new filters, the mixing matrix."""
+        if self.num_tasks and lam is None:
+            raise ValueError("a task after the first needs its lambda (networks.resolve_layer_lams gives it)")
+        lam = 1.0 if self.num_tasks == 0 else float(lam)
         m = num_unconstrained(lam, self.out_channels)
         p = self.out_channels - m
         n_bank = self.bank_rows_before(self.num_tasks + 1)
@@ -148,8 +145,6 @@ class _PiggybackConvNd(TaskModule):
         self.new_filters = nn.Parameter(torch.empty(self._filter_shape(m), **like))
         self.mix_weights = nn.Parameter(torch.empty(n_bank, p, **like)) if p > 0 else None
         self.bias = nn.Parameter(torch.empty(self.out_channels, **like)) if self.has_bias else None
-        self.trainable_task = self.active_task = self.num_tasks
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -263,7 +258,7 @@ class _PiggybackConvNd(TaskModule):
              f"padding={self.padding}")
         if self.transposed:
             s += f", output_padding={self.output_padding}"
-        return s + f", bias={self.has_bias}, lam={self.lam}, tasks={self.lams}, active={self.active_task}"
+        return s + f", bias={self.has_bias}, lams={self.lams}, active={self.active_task}"
 
 
 class PiggybackConv2d(_PiggybackConvNd):
@@ -271,8 +266,8 @@ class PiggybackConv2d(_PiggybackConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                 bias: bool = True, lam: float = 0.25):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam)
+                 bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding)
@@ -298,8 +293,8 @@ class PiggybackConvTranspose2d(_PiggybackConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                 output_padding: int | tuple[int, int] = 0, bias: bool = True, lam: float = 0.25):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam, output_padding)
+                 output_padding: int | tuple[int, int] = 0, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, output_padding)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)

@@ -1,9 +1,9 @@
 """Per-task batch normalisation: every task keeps its own affine parameters and running statistics.
 
-The public Piggyback code never stores norm state per task (bug B3, reference/piggyback.md 2.4), so
+The public Piggyback code never stores norm state per task (docs/method.md, "Every per-task tensor stored"), so
 earlier tasks come back with the wrong statistics. Here task s's BatchNorm state is kept in buffers
 and is never updated again, even in train mode; the trainable task behaves exactly like junyanz's
-`nn.BatchNorm2d(affine=True, track_running_stats=True)` (reference.md 1.1).
+`nn.BatchNorm2d(affine=True, track_running_stats=True)`.
 """
 from __future__ import annotations
 
@@ -38,12 +38,8 @@ class TaskBatchNorm2d(TaskModule):
             (self.register_parameter if name in ("weight", "bias") else self.register_buffer)(name, None)
 
     # -- task operations ---------------------------------------------------------------------------
-    def add_task(self, lam: float | None = None) -> None:
-        """Freeze the trainable task (if any) and add a fresh one: weight ~ N(1, 0.02), bias 0, stats reset.
-
-        `lam` is accepted (and ignored) so that every task-aware module shares one signature.
-        """
-        self.freeze()
+    def _new_task(self, lam: float | None) -> None:
+        """Fresh affine parameters and statistics (`lam` does not apply to a norm)."""
         device = self._device()
         c = self.num_features
         self.weight = nn.Parameter(torch.empty(c, device=device))
@@ -52,12 +48,10 @@ class TaskBatchNorm2d(TaskModule):
         self.running_var = torch.ones(c, device=device)
         self.num_batches_tracked = torch.zeros((), dtype=torch.long, device=device)
         self._num_tasks += 1
-        self.trainable_task = self.active_task = self.num_tasks
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """junyanz init for BatchNorm2d: weight ~ N(1, 0.02), bias 0."""
+        """junyanz init for BatchNorm2d: weight ~ N(1, 0.02), bias 0 (stats were reset by `add_task`)."""
         if self.weight is not None:
             nn.init.normal_(self.weight, 1.0, 0.02)
             nn.init.zeros_(self.bias)

@@ -24,7 +24,8 @@ class TaskModule(nn.Module):
     """Task bookkeeping shared by every per-task module: freeze, thaw, set_task and `task_state`.
 
     Subclasses set `task_tensors` (state key -> attribute of the trainable task's tensor, in the order
-    `task_state` returns them), implement `add_task` and `num_tasks`, and run `self._active()` in forward.
+    `task_state` returns them), implement `num_tasks`, `_new_task` (fresh trainable tensors, the task
+    counted) and `reset_parameters`, and run `self._active()` in forward.
     """
 
     task_tensors: dict[str, str] = {}
@@ -38,8 +39,19 @@ class TaskModule(nn.Module):
     def num_tasks(self) -> int:
         raise NotImplementedError
 
-    def add_task(self, lam: Optional[float] = None) -> None:
+    def _new_task(self, lam: Optional[float]) -> None:
         raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def add_task(self, lam: Optional[float] = None) -> None:
+        """Freeze the trainable task (if any), add a new trainable task with freshly initialised tensors and
+        run it. `lam`: the piggyback layers' unconstrained fraction (ignored by modules without filters)."""
+        self.freeze()
+        self._new_task(lam)
+        self.trainable_task = self.active_task = self.num_tasks
+        self.reset_parameters()
 
     # -- per-task storage (one buffer per tensor unless a subclass says otherwise) ---------------------
     def _store(self, key: str, t: int, value: Tensor) -> None:

@@ -8,14 +8,16 @@ of the process-global fluent API, so several trackers may coexist in one process
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from piggyback.config import MlflowConfig
+from piggyback.supervise import Terminated
 
 
 def repo_root() -> Path:
@@ -60,8 +62,9 @@ class NullTracker:
 class Tracker(NullTracker):
     """One MLflow run, addressed by id through an `MlflowClient`."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, logged: Optional[dict[str, int]] = None) -> None:
         self.client, self.run_id = client, run_id
+        self.logged = logged or {}   # metric -> last step already in the run: not logged again (a resume)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -74,7 +77,8 @@ class Tracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()]
+        items = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()
+                 if (step or 0) > self.logged.get(str(k), -1)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
@@ -101,20 +105,35 @@ class Tracker(NullTracker):
         self.client.set_terminated(self.run_id, status)
 
 
+# MLflow 3 opens an experiment without this tag on its GenAI overview (traces, evaluations); with it,
+# on the runs table. The value is the UI's "custom model development" kind.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: Any, name: str) -> str:
-    """Get or create the experiment, its artifacts under <repo root>/mlartifacts (fixed at creation)."""
+    """Get or create the experiment, its artifacts under <repo root>/mlartifacts (fixed at creation), of the
+    model-training kind (also set on older experiments that have no kind)."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=(repo_root() / "mlartifacts").as_uri())
-    except MlflowException:  # another process created it between our lookup and create
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=(repo_root() / "mlartifacts").as_uri(),
+                                            tags=EXPERIMENT_KIND)
+        except MlflowException:  # another process created it between our lookup and create
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in exp.tags:   # a kind the user chose is kept
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def _last_steps(client: Any, run_id: str) -> dict[str, int]:
+    """metric -> the last step the run holds for it."""
+    keys = client.get_run(run_id).data.metrics
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
 
 
 def open_run(
@@ -124,8 +143,10 @@ def open_run(
     tags: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None,
     run_id: str | None = None,
+    resume: bool = False,
 ) -> NullTracker:
-    """Start a run (or reopen `run_id`, e.g. after a resume) on rank 0; a `NullTracker` elsewhere."""
+    """Start a run (or reopen `run_id`) on rank 0; a `NullTracker` elsewhere. With `resume` (training
+    continued from a snapshot) metrics are logged only at steps after the last one the run holds."""
     if rank != 0 or not cfg.enabled:
         return NullTracker()
     from mlflow import MlflowClient
@@ -133,13 +154,46 @@ def open_run(
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
-        tracker = Tracker(client, run_id)
+        tracker = Tracker(client, run_id, _last_steps(client, run_id) if resume else None)
     else:
         run = client.create_run(experiment_id(client, cfg.experiment), tags=dict(tags or {}), run_name=run_name)
         tracker = Tracker(client, run.info.run_id)
     if params and run_id is None:  # params are immutable per run: log them once, at creation
         tracker.log_params(params)
     return tracker
+
+
+def close_leftover_runs(cfg: MlflowConfig, rank: int, tags: dict[str, str], keep: Optional[str] = None) -> list[str]:
+    """End as KILLED every RUNNING run of the experiment carrying all of `tags` (except `keep`): what a
+    SIGKILLed stage left open. Call only while no other process of the same stage can be alive."""
+    if rank != 0 or not cfg.enabled:
+        return []
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return []
+    where = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'RUNNING'"])
+    closed = [r.info.run_id for r in client.search_runs([exp.experiment_id], filter_string=where, max_results=1000)
+              if r.info.run_id != keep]
+    for run_id in closed:
+        client.set_terminated(run_id, "KILLED")
+    return closed
+
+
+@contextlib.contextmanager
+def ended(tracker: NullTracker) -> Iterator[NullTracker]:
+    """End the run when the block ends: FINISHED, KILLED (SIGTERM / SIGINT) or FAILED (any other error)."""
+    try:
+        yield tracker
+    except (Terminated, KeyboardInterrupt):
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -154,28 +208,31 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_evaluation(cfg: MlflowConfig, run_id: Optional[str], metrics: dict[str, Any],
+def log_evaluation(cfg: MlflowConfig, task: str, train_run_id: str | None, metrics: dict[str, Any],
                    artifacts: Iterable[Path] = ()) -> str:
-    """Log `metrics` into the task's training run: numbers as metrics, text as ``eval.*`` tags; grids as
-    artifacts. Returns a one-line note of what happened (skipped, logged, or why logging failed)."""
+    """Log `metrics` into a new ``evaluate:<task>`` run (numbers as metrics, text as ``eval.*`` tags, grids
+    as artifacts), nested under and tagged with the task's training run, which stays closed: reopening it
+    stretched its duration and left it RUNNING when evaluation was killed. Returns a one-line note."""
     if not cfg.enabled:
         return "MLflow disabled (mlflow.enabled: false): not logged"
-    if not run_id:
-        return "the task record has no mlflow_run_id: not logged to MLflow"
     numbers = {k: float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    tags = {f"eval.{k}": v for k, v in metrics.items() if isinstance(v, (str, bool))}
+    tags = {**default_tags(task), "kind": "evaluate",
+            **{f"eval.{k}": v for k, v in metrics.items() if isinstance(v, (str, bool))}}
+    if train_run_id:
+        tags.update({"train_run_id": train_run_id, "mlflow.parentRunId": train_run_id})
     try:
-        tracker = open_run(cfg, rank=0, run_name="", run_id=run_id)
+        tracker = open_run(cfg, rank=0, run_name=f"evaluate:{task}", tags=tags)
     except Exception as e:  # noqa: BLE001 - the JSON file is the record; a tracking failure is only a warning
-        return f"MLflow: could not reopen run {run_id} ({type(e).__name__}: {e}): not logged"
+        return f"MLflow: could not start the evaluate:{task} run ({type(e).__name__}: {e}): not logged"
+    status = "FAILED"
     try:
         tracker.log_metrics(numbers)
-        tracker.set_tags(tags)
         for path in artifacts:
             tracker.log_artifact(path, "evaluation")
+        status = "FINISHED"
     except Exception as e:  # noqa: BLE001
-        return f"MLflow: logging into run {run_id} failed ({type(e).__name__}: {e})"
+        return f"MLflow: logging into run {tracker.run_id} failed ({type(e).__name__}: {e})"
     finally:
-        tracker.end("FINISHED")  # reopening marked the (finished) training run RUNNING: restore its status
-    return f"logged {len(numbers)} metrics into MLflow run {run_id}"
+        tracker.end(status)
+    return f"logged {len(numbers)} metrics into MLflow run evaluate:{task} ({tracker.run_id})"

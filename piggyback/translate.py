@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_lifelong
 from .fsutil import atomic_path
+from .progress import track
 
 
 def default_device() -> torch.device:
@@ -65,8 +66,8 @@ def load_input_image(path: Union[str, Path, BinaryIO], channels: int, size: Opti
 def run_generator(net: nn.Module, batch: Tensor) -> Tensor:
     """One task's generator (from `LifelongModel.materialize`, in eval mode) on a batch (N, C, H, W) in
     [-1, 1]: the translations, float32 on the CPU, in [-1, 1]. The batch moves to the network's device."""
-    device = next(net.parameters()).device
-    return net(batch.to(device)).float().cpu()
+    weight = next(net.parameters(), None)   # None: a parameterless stand-in (the do-nothing references)
+    return net(batch.to(weight.device) if weight is not None else batch).float().cpu()
 
 
 def input_multiple(netG: str) -> tuple[int, int]:
@@ -126,8 +127,6 @@ def translate_folder(checkpoint: Union[str, Path], task: str, input_dir: Union[s
     files, raised before anything is written; images are not resized, so the pixels are the user's.
     `which`: "G_A" (the task's direction) or "G_B" (the reverse, CycleGAN tasks). Returns the written paths.
     """
-    from tqdm.auto import tqdm
-
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     files = _input_files(input_dir, output_dir)
     model = load_lifelong(checkpoint)
@@ -141,7 +140,7 @@ def translate_folder(checkpoint: Union[str, Path], task: str, input_dir: Union[s
     net = net.to(device).eval()
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for p in tqdm(files, desc=f"translate {task}", unit="img", disable=None):
+    for p in track(files, f"translate {task}", "img"):
         x = load_input_image(p, cfg.input_nc)                            # (1, C, H, W)
         y = run_generator(net, x)
         if y.shape[-2:] != x.shape[-2:]:  # a safety net behind input_multiple

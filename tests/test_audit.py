@@ -56,7 +56,7 @@ def _tamper_bank(ws: Path, layer: str = "model.1", slot_row: int = 0) -> None:
 def test_clean_chain_is_exact(chain, tmp_path, capsys):
     ws = _workspace(chain, tmp_path)
     _run_audit(ws, chain)
-    report = json.loads((ws / "metrics" / "forgetting.json").read_text())
+    report = json.loads((ws / "metrics" / "info" / "forgetting.json").read_text())
     assert report["all_exact"] is True and report["method"] == "piggyback"
     assert list(report["tasks"]) == ["t1", "t2", "t3"]
     for name, row in report["tasks"].items():
@@ -72,7 +72,7 @@ def test_one_changed_bank_value_fails_naming_task_and_layer(chain, tmp_path):
         _run_audit(ws, chain)
     msg = str(exc.value.code)
     assert "task 't1' was altered" in msg and "G_A.model.1" in msg, msg
-    report = json.loads((ws / "metrics" / "forgetting.json").read_text())   # written before failing
+    report = json.loads((ws / "metrics" / "info" / "forgetting.json").read_text())   # written before failing
     t1 = report["tasks"]["t1"]
     assert t1["exact"] is False and t1["max_abs_diff"] > 0
     assert t1["generators"]["G_A"]["altered_layer"] == "G_A.model.1"
@@ -89,6 +89,33 @@ def test_damaged_checkpoint_file_is_named(chain, tmp_path):
     with pytest.raises(SystemExit) as exc:
         _run_audit(ws, chain)
     assert "cannot be trusted" in str(exc.value.code) and GENERATORS in str(exc.value.code)
+
+
+def test_damaged_intermediate_checkpoint_fails_with_the_final_intact(chain, tmp_path):
+    """Every task's own checkpoint is verified, not only the final one."""
+    ws = _workspace(chain, tmp_path)
+    path = ws / "models" / "t1" / GENERATORS
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exc:
+        _run_audit(ws, chain)
+    msg = str(exc.value.code)
+    assert "task t1 cannot be trusted" in msg and str(path) in msg and "dvc checkout train@t1" in msg
+
+
+def test_stale_snapshot_of_a_finished_task_is_removed(chain, tmp_path, capsys):
+    """A snapshot folder beside a finished task (DVC restored the task from its run cache) is deleted."""
+    ws = _workspace(chain, tmp_path)
+    stale = ws / "models" / ".snapshots" / "t2"
+    stale.mkdir(parents=True)
+    (stale / "snapshot.pt").write_bytes(b"old")
+    _run_audit(ws, chain)
+    assert not (ws / "models" / ".snapshots").exists()
+    assert "stale snapshot folders of finished task(s) t2" in capsys.readouterr().out
+    report = json.loads((ws / "metrics" / "forgetting.json").read_text())
+    listed = sum(len(json.loads((ws / "models" / t / "meta.json").read_text())["files"]) for t in ("t1", "t2", "t3"))
+    assert report["checkpoint_files_verified"] == listed >= 3
 
 
 def test_missing_final_checkpoint_names_the_stage(chain, tmp_path):

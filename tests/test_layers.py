@@ -1,4 +1,4 @@
-"""Piggyback layers and per-task BatchNorm (DESIGN.md 2.1; bugs B1 and B3 of reference/piggyback.md)."""
+"""Piggyback layers and per-task BatchNorm (docs/method.md, with two of its named fixes)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ def test_composed_weight_is_the_design_einsum(transposed):
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_piggyback_filters_lie_in_the_span_of_the_bank(transposed):
-    """Bug B1: the public code's raw reshape gives filters outside span(bank); the einsum does not."""
+    """Piggyback filters in the span of the bank (docs/method.md): the public code's raw reshape gives filters outside span(bank); the einsum does not."""
     torch.manual_seed(0)
     layer = _grow(_layer(transposed, cin=6, cout=12, k=3), [None, 0.25, 0.25])
     dim = 1 if transposed else 0
@@ -87,7 +87,7 @@ def test_piggyback_filters_lie_in_the_span_of_the_bank(transposed):
     coef = torch.linalg.lstsq(bank.T, pb.T).solution                                      # (N, p)
     residual = (bank.T @ coef - pb.T).norm() / pb.norm()
     assert residual < 1e-6                      # float32 rounding only
-    # The public code's construction (reference/piggyback.md 2.1) for contrast: far from the span.
+    # The public code's construction for contrast: far from the span.
     raw = (layer.filter_bank.narrow(dim, 0, n_bank).reshape(-1, n_bank) @ layer.task_state(t)["mix"]).double()
     raw = as_rows(raw.reshape(*( (6, -1) if transposed else (-1, 6)), 3, 3)).reshape(-1, bank.shape[1])
     coef = torch.linalg.lstsq(bank.T, raw.T).solution
