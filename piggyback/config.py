@@ -37,6 +37,8 @@ class DatasetConfig:
     n_train: int = 200                 # source=embedded: training images per domain.
     n_test: int = 50                   # source=embedded: test images per domain.
     resize: Optional[int] = None       # prepare: resize every image (square) to this side; null keeps sizes.
+    load_size: Optional[int] = None    # This dataset's data.load_size (train resize); null: see dataset_data().
+    crop_size: Optional[int] = None    # This dataset's data.crop_size (train crop, test size); null: data.crop_size.
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class TrainConfig:
     max_steps: int = 0                 # Stop each task after this many iterations (0: no limit).
     amp: str = "none"                  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False
+    batch_calls: bool = True           # One call for independent calls through a per-sample network (exact).
     log_every: int = 10                # Iterations between loss logs to MLflow.
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
     pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
@@ -186,6 +189,7 @@ class MlflowConfig:
     tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
     experiment: str = "piggyback-gan"
     enabled: bool = True
+    registered_model: Optional[str] = "piggyback-gan"  # report: register the final generator under this name (null: don't)
 
 
 @dataclass(frozen=True)
@@ -338,7 +342,23 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         mlflow=build(MlflowConfig, raw.get("mlflow"), "mlflow"),
     )
     task_order(p.tasks)
+    for key in p.datasets:
+        dataset_data(p, key)   # per-dataset sizes checked like data.*
     return p
+
+
+def dataset_data(p: Params, dataset: str) -> DataConfig:
+    """`data` with `dataset`'s own load_size / crop_size put in: what its tasks train and test at.
+
+    Only crop_size given: load_size keeps data's ratio (72 / 64 * 256 = 288), so the random crop still
+    jitters. Only load_size given: crop_size is data.crop_size, capped at it.
+    """
+    ds, data = p.datasets[dataset], p.data
+    if ds.load_size is None and ds.crop_size is None:
+        return data
+    crop = ds.crop_size if ds.crop_size is not None else min(data.crop_size, ds.load_size)
+    load = ds.load_size if ds.load_size is not None else round(crop * data.load_size / data.crop_size)
+    return build(DataConfig, {**as_dict(data), "load_size": load, "crop_size": crop}, f"datasets.{dataset}")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -1,10 +1,10 @@
 """Evaluate one learned task: translate its test split, score it, keep the translations and sample grids.
 
 The protocol is the field's: per task, the whole test split translated and saved as PNG, compared with the
-real target-domain test images at the same resolution (data.crop_size) on pool3 features of pytorch-fid's
+real target-domain test images at the same resolution (the dataset's crop_size) on pool3 features of pytorch-fid's
 FID Inception: FID and KID (see `scoring`). Where the true output of each input is known (paired datasets,
-the embedded suite) L1, PSNR and SSIM as well. `tracking.log_evaluation` adds the result to the task's
-training run in MLflow.
+the embedded suite) L1, PSNR and SSIM as well, beside the do-nothing reference (`donothing`).
+`tracking.log_evaluation` logs the result as an ``evaluate:<task>`` run under the task's training run.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .checkpoint import load_lifelong
-from .config import Params, task_recipe
+from .config import Params, dataset_data, task_recipe
+from .donothing import do_nothing_scores
 from .fsutil import atomic_directory
 from .scoring import FidModel, FidUnavailableError, fid_kid, load_fid_model, translate_split
 from .translate import default_device, sample_grid, save_png
@@ -44,7 +45,7 @@ def evaluate_task(params: Params, task: str, ckpt_dir: Union[str, Path], data_di
     """Translate the task's test split (G_A; and G_B for CycleGAN tasks, keys prefixed ``reverse_``) and score it.
 
     Args:
-        params: validated params.yaml (reads eval, data.crop_size, tasks.<task>).
+        params: validated params.yaml (reads eval, data.crop_size or the dataset's, tasks.<task>).
         task: task id; the checkpoint `ckpt_dir` must hold it with the mode/direction/dataset params give.
         data_dir: the task's prepared dataset. out_dir: replaced atomically with fake_B/, real_B/, grid.png
             (and fake_A/, real_A/, grid_reverse.png). cache_dir: cached real-image Inception features.
@@ -54,7 +55,8 @@ def evaluate_task(params: Params, task: str, ckpt_dir: Union[str, Path], data_di
     """
     from .data.datasets import TestSet, target_images
 
-    cfg, size, recipe = params.eval, params.data.crop_size, task_recipe(params, task)
+    cfg, recipe = params.eval, task_recipe(params, task)
+    size = dataset_data(params, recipe.dataset).crop_size
     device = torch.device(device) if device is not None else default_device()
     fm = fid_model or load_fid_model(cfg.fid_weights, cfg.require_fid, device)  # fails before any work
     if cfg.require_fid and not fm.official:
@@ -75,7 +77,8 @@ def evaluate_task(params: Params, task: str, ckpt_dir: Union[str, Path], data_di
             target = "B" if (recipe.direction == "AtoB") != reverse else "A"
             key_parts = {"dataset": recipe.dataset, "split": "test", "domain": target, "resolution": size}
             part = {"n_test": len(split.files), "n_reference": len(reals),
-                    **fid_kid(split.files, reals, fm, cfg, key_parts, cache_dir, device, progress), **split.metrics}
+                    **fid_kid(split.files, reals, fm, cfg, key_parts, cache_dir, device, progress), **split.metrics,
+                    **do_nothing_scores(testset, data_dir, recipe.direction, size, reverse, cfg.batch_size, device)}
             metrics.update({f"{prefix}{k}": v for k, v in part.items()})
             if split.samples:
                 save_png(tmp / grid_name, sample_grid(split.samples))

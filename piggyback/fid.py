@@ -192,11 +192,11 @@ def extract_features(images: ImageSource, model: nn.Module, batch_size: int = 50
         images = image_files(images)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     total = len(images) if hasattr(images, "__len__") else None
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     model.eval()
     feats = []
-    with tqdm(total=total, unit="img", desc="inception", disable=None if progress else True) as bar:
+    with progress_bar(total, "inception features", "img", enabled=progress) as bar:
         for batch in _batches(images, batch_size):
             # Cheap guard against generator outputs in [-1, 1] passed without conversion.
             if batch.min() < -1e-6 or batch.max() > 1 + 1e-6:

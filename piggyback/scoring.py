@@ -20,6 +20,7 @@ from . import fid as fidlib
 from .config import EvalConfig
 from .imagemetrics import SSIM_WINDOW, l1, mean_psnr, psnr, ssim
 from .kid import kid
+from .progress import progress_bar
 from .translate import default_device, run_generator, save_png, to_uint8
 
 KID_SEED = 0                        # Fixed, not base.seed: KID subsets are part of the metric's definition.
@@ -111,7 +112,6 @@ def translate_split(net: nn.Module, testset, out_dir: Optional[Path], batch_size
     """Run `net` over a `data.datasets.TestSet`: PNGs ``<out_dir>/<stem>.png`` (None: write nothing), means
     of L1 / PSNR / SSIM against the true outputs when every item has one, the first `grid_images` samples."""
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     from .data.datasets import collate_test
 
@@ -124,7 +124,8 @@ def translate_split(net: nn.Module, testset, out_dir: Optional[Path], batch_size
     res, per_image = SplitResult(), {"l1": [], "psnr": [], "ssim": []}
     grid = {"A": [], "fake": [], "B": []}
     loader = DataLoader(testset, batch_size=batch_size, shuffle=False, collate_fn=collate_test)
-    for batch in tqdm(loader, desc="translate", unit="batch", disable=None if progress else True):
+    bar = progress_bar(len(testset), "translate", "img", enabled=progress)
+    for batch in loader:
         fake = run_generator(net, batch["A"])                               # (B, C, H, W) in [-1, 1]
         if out_dir is not None:
             for name, pixels in zip(batch["name"], to_uint8(fake)):
@@ -141,6 +142,8 @@ def translate_split(net: nn.Module, testset, out_dir: Optional[Path], batch_size
             grid["fake"].append(fake[:room])
             if batch["B"] is not None:
                 grid["B"].append(batch["B"][:room])
+        bar.update(len(batch["name"]))
+    bar.close()
     res.metrics = _gt_means(per_image, testset)
     if grid["A"]:
         res.samples = [torch.cat(grid[k]) for k in ("A", "fake", "B") if grid[k]]

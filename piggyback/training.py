@@ -169,7 +169,7 @@ def train_task(
             real_B = batch["B"].to(device, non_blocking=True)
             if cfg.channels_last:
                 real_A, real_B = (x.contiguous(memory_format=torch.channels_last) for x in (real_A, real_B))
-            losses, visuals = R.train_step(ddp, opt, real_A, real_B, gan, mcfg, pools, prec)
+            losses, visuals = R.train_step(ddp, opt, real_A, real_B, gan, mcfg, pools, prec, cfg.batch_calls)
             step, done = step + 1, done + 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v

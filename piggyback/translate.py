@@ -8,7 +8,7 @@ user's images safe to translate (sizes the generator can map onto themselves, no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Optional, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_lifelong
 from .fsutil import atomic_path
+from .progress import track
 
 
 def default_device() -> torch.device:
@@ -45,14 +46,17 @@ def sample_grid(rows: list[Tensor]) -> np.ndarray:
     return to_uint8(grid[None])[0]
 
 
-def load_input_image(path: Union[str, Path], channels: int) -> Tensor:
-    """A user's image file -> the generator's input, (1, C, H, W) in [-1, 1].
+def load_input_image(path: Union[str, Path, BinaryIO], channels: int, size: Optional[int] = None) -> Tensor:
+    """A user's image (a file, or file-like bytes) -> the generator's input, (1, C, H, W) in [-1, 1].
 
     EXIF orientation is applied (what a viewer shows is what is translated), then the image is converted
-    to RGB (`channels` 3) or L (1). No resize: the pixels stay the user's.
+    to RGB (`channels` 3) or L (1). `size`: resized to size x size as the test transform does (bicubic,
+    `data.datasets.test_transform`; the served model); None: no resize, the pixels stay the user's.
     """
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
+        if size is not None:
+            img = img.resize((size, size), Image.BICUBIC)
         arr = np.array(img, dtype=np.uint8)
     arr = arr[..., None] if arr.ndim == 2 else arr                           # (H, W, C)
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)
@@ -62,8 +66,8 @@ def load_input_image(path: Union[str, Path], channels: int) -> Tensor:
 def run_generator(net: nn.Module, batch: Tensor) -> Tensor:
     """One task's generator (from `LifelongModel.materialize`, in eval mode) on a batch (N, C, H, W) in
     [-1, 1]: the translations, float32 on the CPU, in [-1, 1]. The batch moves to the network's device."""
-    device = next(net.parameters()).device
-    return net(batch.to(device)).float().cpu()
+    weight = next(net.parameters(), None)   # None: a parameterless stand-in (the do-nothing references)
+    return net(batch.to(weight.device) if weight is not None else batch).float().cpu()
 
 
 def input_multiple(netG: str) -> tuple[int, int]:
@@ -123,8 +127,6 @@ def translate_folder(checkpoint: Union[str, Path], task: str, input_dir: Union[s
     files, raised before anything is written; images are not resized, so the pixels are the user's.
     `which`: "G_A" (the task's direction) or "G_B" (the reverse, CycleGAN tasks). Returns the written paths.
     """
-    from tqdm.auto import tqdm
-
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     files = _input_files(input_dir, output_dir)
     model = load_lifelong(checkpoint)
@@ -138,7 +140,7 @@ def translate_folder(checkpoint: Union[str, Path], task: str, input_dir: Union[s
     net = net.to(device).eval()
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for p in tqdm(files, desc=f"translate {task}", unit="img", disable=None):
+    for p in track(files, f"translate {task}", "img"):
         x = load_input_image(p, cfg.input_nc)                            # (1, C, H, W)
         y = run_generator(net, x)
         if y.shape[-2:] != x.shape[-2:]:  # a safety net behind input_multiple

@@ -105,7 +105,7 @@ def run_stage(root: Path, tmp: Path, task: str, params: Path) -> dict:
 
     main([task, "--params", str(params), "--models", str(root / "models"), "--data", str(root / "prepared"),
           "--metrics", str(tmp / "metrics"), "--out", str(tmp / "translated"), "--fid-cache", str(tmp / "fid_cache")])
-    return json.loads((tmp / "metrics" / "tasks" / f"{task}.json").read_text())
+    return json.loads((tmp / "metrics" / "info" / "tasks" / f"{task}.json").read_text())
 
 
 def test_offline_without_weights_records_fid_unavailable(chain, tmp_path, offline):
@@ -220,13 +220,13 @@ def test_missing_inputs_name_the_stage_to_run(chain, tmp_path, offline):
         main(["t1", "--params", str(params), "--models", str(chain / "models"), "--data", str(tmp_path / "nodata")])
 
 
-def test_metrics_logged_into_the_task_training_run(chain, tmp_path, offline, monkeypatch):
+def test_metrics_logged_into_an_evaluate_run_linked_to_the_training_run(chain, tmp_path, offline, monkeypatch):
     from piggyback.config import MlflowConfig
     from piggyback.tracking import open_run, tracking_uri
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="unit")
-    run = open_run(cfg, 0, "train@t1")
+    run = open_run(cfg, 0, "train:t1")
     run.end()
     root = tmp_path / "root"
     make_chain(root / "models", chain / "prepared", tasks={"t1": TASKS["t1"]}, run_ids={"t1": run.run_id})
@@ -235,14 +235,21 @@ def test_metrics_logged_into_the_task_training_run(chain, tmp_path, offline, mon
     raw = yaml.safe_load(params.read_text())
     raw["mlflow"] = {"enabled": True, "tracking_uri": cfg.tracking_uri, "experiment": "unit"}
     params.write_text(yaml.safe_dump(raw))
-    m = run_stage(root, tmp_path, "t1", params)
-
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
-    logged = client.get_run(run.run_id)
-    assert logged.info.status == "FINISHED"
-    assert {k: logged.data.metrics[k] for k in ("l1", "psnr", "ssim", "n_test")} == \
-        {k: float(m[k]) for k in ("l1", "psnr", "ssim", "n_test")}
-    assert "fid" not in logged.data.metrics and logged.data.tags["eval.fid_reason"] == m["fid_reason"]
-    assert [a.path for a in client.list_artifacts(run.run_id, "evaluation")] == ["evaluation/grid.png"]
+    train_end = client.get_run(run.run_id).info.end_time
+    m = run_stage(root, tmp_path, "t1", params)
+
+    trained = client.get_run(run.run_id)
+    assert trained.info.status == "FINISHED" and trained.info.end_time == train_end   # not reopened
+    assert "l1" not in trained.data.metrics
+    exp = client.get_experiment_by_name("unit")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"   # the UI opens on the runs
+    (ev,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'evaluate'")
+    assert ev.info.run_name == "evaluate:t1" and ev.info.status == "FINISHED"
+    assert ev.data.tags["train_run_id"] == run.run_id and ev.data.tags["mlflow.parentRunId"] == run.run_id
+    assert {k: ev.data.metrics[k] for k in ("l1", "psnr", "ssim", "n_test", "identity_l1")} == \
+        {k: float(m[k]) for k in ("l1", "psnr", "ssim", "n_test", "identity_l1")}
+    assert "fid" not in ev.data.metrics and ev.data.tags["eval.fid_reason"] == m["fid_reason"]
+    assert [a.path for a in client.list_artifacts(ev.info.run_id, "evaluation")] == ["evaluation/grid.png"]

@@ -265,6 +265,20 @@ def target_images(prepared_root: str | Path, direction: str = "AtoB", size: int 
         yield np.array(ref.load().resize((size, size), BICUBIC), dtype=np.uint8)
 
 
+def train_targets(prepared_root: str | Path, direction: str = "AtoB", size: int = 256,
+                  reverse: bool = False) -> Iterator[torch.Tensor]:
+    """The training split's target-domain images as (3, size, size) tensors in [-1, 1], resized as test
+    images are (the do-nothing reference averages them). Paired: right halves of train/; unpaired: train<tgt>/."""
+    root = Path(prepared_root)
+    tgt = _domains(direction, reverse)[1]
+    if dataset_layout(root) == "paired":
+        refs = [ImageRef(r.path, {"A": 0, "B": 1}[tgt]) for r in _refs(root / "train")]
+    else:
+        refs = _refs(root / f"train{tgt}")
+    for ref in refs:
+        yield test_transform(ref.load(), size)
+
+
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
                  distributed: Optional[bool] = None) -> tuple[DataLoader, DistributedSampler]:
     """A DataLoader and its sampler; call ``sampler.set_epoch(e)`` and ``dataset.set_epoch(e)`` each epoch.

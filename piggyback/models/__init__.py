@@ -1,9 +1,11 @@
 """Model recipes (Zhu et al. 2017 CycleGAN, Isola et al. 2017 pix2pix): losses and one explicit update each.
 
-`cyclegan.train_step` / `pix2pix.train_step` follow junyanz `optimize_parameters` line by line; the
-networks they receive are the DDP wrappers (called directly, so gradients are synchronised: bug B4 of
-the public Piggyback code called `model.module`). Shared helpers live here: gradient toggles and the
-optional mixed-precision context.
+`cyclegan.train_step` / `pix2pix.train_step` compute junyanz's `optimize_parameters` losses and updates;
+the networks they receive are the DDP wrappers (called directly, so gradients are synchronised: the
+public Piggyback code called `model.module` and skipped that). Where a network's output for one image
+does not depend on the other images of its batch (`per_sample`), independent calls through it are
+batched into one (same outputs; the weight gradients are summed in another order). Shared helpers live
+here: gradient toggles, the per-sample check and the optional mixed-precision context.
 """
 from __future__ import annotations
 
@@ -14,12 +16,38 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from piggyback.norms import TaskBatchNorm2d
+
 
 def set_requires_grad(nets: Iterable[nn.Module], flag: bool) -> None:
     """Freeze / unfreeze whole networks (junyanz `set_requires_grad`): no D gradients in the G step."""
     for net in nets:
         for p in net.parameters():
             p.requires_grad_(flag)
+
+
+def per_sample(*nets: nn.Module) -> bool:
+    """True when each network maps every image of a batch independently of the others, in its current mode.
+
+    Batch statistics (BatchNorm in train mode) mix the batch; active dropout draws its masks per call, so
+    one batched call would draw other masks than separate calls. Instance norm, no norm and eval-mode
+    BatchNorm are per-sample: batching their calls gives bit-identical outputs.
+    """
+    for net in nets:
+        for m in net.modules():
+            if not m.training:
+                continue
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, TaskBatchNorm2d)):
+                return False
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                return False
+    return True
+
+
+def split_call(net: nn.Module, *inputs: Tensor) -> tuple[Tensor, ...]:
+    """`net` applied to each input, as one batched call: (net(x) for x in inputs) for a per-sample net."""
+    out = net(torch.cat(inputs, 0))
+    return tuple(out.split([x.shape[0] for x in inputs], 0))
 
 
 class Precision:

@@ -11,17 +11,23 @@ import torch.nn.functional as F
 
 from piggyback.config import Pix2PixConfig
 from piggyback.losses import GANLoss, ImagePool
-from piggyback.models import Precision, set_requires_grad
+from piggyback.models import Precision, per_sample, set_requires_grad, split_call
 
 GENERATORS = ("G_A",)
 DISCRIMINATORS = ("D_A",)
 VISUALS = ("real_A", "fake_B", "real_B")  # input, output, ground truth
 
 
-def discriminator_loss(D: nn.Module, real_AB: Tensor, fake_AB: Tensor, gan: GANLoss) -> dict[str, Tensor]:
-    """(GAN(D(cat(A, fake_B)), fake) + GAN(D(cat(A, real_B)), real)) x 0.5, the fake detached from G."""
-    fake_loss = gan(D(fake_AB.detach()), False)
-    real_loss = gan(D(real_AB), True)
+def discriminator_loss(D: nn.Module, real_AB: Tensor, fake_AB: Tensor, gan: GANLoss,
+                       batched: bool = False) -> dict[str, Tensor]:
+    """(GAN(D(cat(A, fake_B)), fake) + GAN(D(cat(A, real_B)), real)) x 0.5, the fake detached from G.
+
+    `batched` (a per-sample D only, never batch norm): one call on [fake, real], the same predictions.
+    """
+    fake_AB = fake_AB.detach()
+    pred_fake, pred_real = split_call(D, fake_AB, real_AB) if batched else (D(fake_AB), D(real_AB))
+    fake_loss = gan(pred_fake, False)
+    real_loss = gan(pred_real, True)
     return {"D_real": real_loss, "D_fake": fake_loss, "D": (real_loss + fake_loss) * 0.5}
 
 
@@ -42,8 +48,13 @@ def train_step(
     cfg: Pix2PixConfig,
     pools: dict[str, ImagePool],
     prec: Precision,
+    batch_calls: bool = True,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """One iteration: returns (detached losses, detached visuals). `nets` are the DDP wrappers."""
+    """One iteration: returns (detached losses, detached visuals). `nets` are the DDP wrappers.
+
+    `batch_calls`: D judges the fake and the real pair in one call where D is per-sample (instance norm
+    or none); pix2pix's default batch norm keeps the two calls.
+    """
     G, D = nets["G_A"], nets["D_A"]
     with prec.autocast():
         fake_B = G(real_A)
@@ -54,7 +65,7 @@ def train_step(
     optimizers["D"].zero_grad(set_to_none=True)
     with prec.autocast():
         fake_AB = pools["fake_AB"].query(torch.cat([real_A, fake_B], 1))
-        d = discriminator_loss(D, torch.cat([real_A, real_B], 1), fake_AB, gan)
+        d = discriminator_loss(D, torch.cat([real_A, real_B], 1), fake_AB, gan, batch_calls and per_sample(D))
     prec.backward(d["D"])
     prec.step(optimizers["D"])
 

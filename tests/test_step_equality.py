@@ -1,0 +1,169 @@
+"""The restructured recipes (`cyclegan.train_step`, `pix2pix.train_step`) train exactly as junyanz's iteration.
+
+The straightforward iteration is benchmarks/reference.py (six generator calls, separate discriminator calls,
+default Adam). Each test runs it and our step on deep copies of the same tiny networks (piggyback
+generators training task 3, so composed weights are reused across calls) with the same inputs and image
+pools, and compares every loss, every gradient and every updated parameter. Where the arithmetic is the
+same the results are bit-identical; where batching changes only the order in which per-image weight
+gradients are summed, they agree to float tolerance.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import reference
+from piggyback import lifelong
+from piggyback.config import CycleGANConfig, Pix2PixConfig
+from piggyback.discriminators import build_discriminator
+from piggyback.losses import GANLoss
+from piggyback.models import Precision, cyclegan, per_sample, pix2pix
+from piggyback.networks import GeneratorConfig, build_generator
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+CPU = torch.device("cpu")
+
+
+def _generator(netG: str, norm: str, dropout: bool, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    net = build_generator(GeneratorConfig(netG=netG, ngf=4, norm=norm, use_dropout=dropout))
+    for _ in range(3):
+        lifelong.add_task(net)
+    return net.train()
+
+
+def _optimizers(nets: dict[str, nn.Module], gens: tuple, discs: tuple) -> dict:
+    trainable = lambda keys: [p for k in keys for p in nets[k].parameters() if p.requires_grad]  # noqa: E731
+    return {"G": reference.adam(trainable(gens)), "D": reference.adam(trainable(discs))}
+
+
+def _calls(nets: dict[str, nn.Module]) -> dict[str, int]:
+    """Count forward calls per network (hooks stay on the modules: the copies are fresh per test)."""
+    counts = {k: 0 for k in nets}
+    for k, net in nets.items():
+        net.register_forward_hook(lambda *_, key=k: counts.__setitem__(key, counts[key] + 1))
+    return counts
+
+
+def _flat(net: nn.Module, grads: bool) -> torch.Tensor:
+    return torch.cat([(p.grad if grads else p).detach().flatten() for p in net.parameters() if p.grad is not None])
+
+
+def _compare_nets(ours: dict[str, nn.Module], ref: dict[str, nn.Module], exact: bool) -> None:
+    """Each network's gradient vector (and, when exact, its updated parameters): bit-identical, or within
+    1e-5 relative.
+
+    Whole vectors, not elements: a bias before instance norm has a true gradient of 0, so its computed
+    gradient is rounding noise in any order, and Adam turns that noise into a +-lr step whose sign is a
+    coin flip. Parameters are therefore compared only where the arithmetic is the same.
+    """
+    for k in ours:
+        a, b = _flat(ours[k], True), _flat(ref[k], True)
+        if exact:
+            assert torch.equal(a, b) and torch.equal(_flat(ours[k], False), _flat(ref[k], False)), k
+        else:
+            assert (a - b).norm() <= 1e-5 * b.norm(), (k, float((a - b).norm() / b.norm()))
+
+
+def _compare_losses(ours: dict, ref: dict, exact: bool) -> None:
+    assert ours.keys() == ref.keys()
+    for k in ours:
+        if exact:
+            assert torch.equal(ours[k], ref[k]), k
+        else:
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def _cyclegan_nets(norm: str) -> dict[str, nn.Module]:
+    torch.manual_seed(7)
+    ds = {k: build_discriminator("basic", 3, 4, 3, norm) for k in ("D_A", "D_B")}
+    return {"G_A": _generator("resnet_6blocks", norm, False, 0), "G_B": _generator("resnet_6blocks", norm, False, 1), **ds}
+
+
+def _sync(ours_nets: dict, ours_opt: dict, ref_nets: dict, ref_opt: dict) -> None:
+    """Start the reference from our state, so each step is compared from equal weights and Adam moments
+    (Adam's first steps turn last-bit differences of near-zero gradients into +-lr steps)."""
+    for k, net in ours_nets.items():
+        ref_nets[k].load_state_dict(net.state_dict())
+    for k, opt in ours_opt.items():
+        ref_opt[k].load_state_dict(copy.deepcopy(opt.state_dict()))   # else both share the moments
+
+
+def _run_cyclegan(norm: str, batch_calls: bool, steps: int = 3):
+    """Run both iterations `steps` times from equal states (pool of 2: the third step swaps stored fakes)."""
+    cfg = CycleGANConfig(pool_size=2)
+    ours_nets = _cyclegan_nets(norm)
+    ref_nets = copy.deepcopy(ours_nets)
+    gens, discs = cyclegan.GENERATORS, cyclegan.DISCRIMINATORS
+    ours_opt, ref_opt = _optimizers(ours_nets, gens, discs), _optimizers(ref_nets, gens, discs)
+    ours_pools, ref_pools = cyclegan.make_pools(cfg, 3), cyclegan.make_pools(cfg, 3)
+    ours_calls, ref_calls = _calls(ours_nets), _calls(ref_nets)
+    gan, prec = GANLoss(cfg.gan_mode), Precision("none", CPU)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        real_A, real_B = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+        _sync(ours_nets, ours_opt, ref_nets, ref_opt)
+        ours, _ = cyclegan.train_step(ours_nets, ours_opt, real_A, real_B, gan, cfg, ours_pools, prec, batch_calls)
+        ref = reference.cyclegan_step(ref_nets, ref_opt, real_A, real_B, cfg, ref_pools)
+        # "G" is the same six terms summed in another order.
+        torch.testing.assert_close(ours.pop("G"), ref.pop("G"), rtol=1e-6, atol=0)
+        _compare_losses(ours, ref, exact=False)
+        _compare_nets(ours_nets, ref_nets, exact=False)
+    return ours_calls, ref_calls
+
+
+def test_cyclegan_batched_step_equals_the_six_call_iteration():
+    ours_calls, ref_calls = _run_cyclegan("instance", batch_calls=True)
+    # junyanz: G_A and G_B three calls each, each D three calls (adversarial term, real, fake) per step.
+    assert ref_calls == {"G_A": 9, "G_B": 9, "D_A": 9, "D_B": 9}
+    # Batched: G_A on [A, B] and on G_B(B); G_B on [G_A(A), B, A]; each D once for G, once on [real, fake].
+    assert ours_calls == {"G_A": 6, "G_B": 3, "D_A": 6, "D_B": 6}
+
+
+def test_cyclegan_unbatched_step_makes_the_six_calls():
+    ours_calls, ref_calls = _run_cyclegan("instance", batch_calls=False)
+    assert ours_calls == ref_calls
+
+
+def test_batch_norm_is_never_batched():
+    ours_calls, ref_calls = _run_cyclegan("batch", batch_calls=True, steps=1)
+    assert ours_calls == ref_calls        # batch statistics would mix the images: the six calls stay
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_pix2pix_step_equals_the_reference_iteration(norm):
+    """pix2pix's own setting (U-Net, batch norm, dropout) keeps every call: bit-identical, dropout included.
+    With instance norm the discriminator judges fake and real in one call."""
+    cfg = Pix2PixConfig()
+    torch.manual_seed(7)
+    ours_nets = {"G_A": _generator("unet_128", norm, True, 0), "D_A": build_discriminator("basic", 6, 4, 3, norm)}
+    ref_nets = copy.deepcopy(ours_nets)
+    ours_opt = _optimizers(ours_nets, pix2pix.GENERATORS, pix2pix.DISCRIMINATORS)
+    ref_opt = _optimizers(ref_nets, pix2pix.GENERATORS, pix2pix.DISCRIMINATORS)
+    ours_calls, ref_calls = _calls(ours_nets), _calls(ref_nets)
+    gan, prec = GANLoss(cfg.gan_mode), Precision("none", CPU)
+    g = torch.Generator().manual_seed(5)
+    for step in range(2):
+        real_A, real_B = (torch.rand(2, 3, 128, 128, generator=g) * 2 - 1 for _ in range(2))
+        _sync(ours_nets, ours_opt, ref_nets, ref_opt)
+        torch.manual_seed(100 + step)                   # the same dropout masks on both sides
+        ours, _ = pix2pix.train_step(ours_nets, ours_opt, real_A, real_B, gan, cfg, pix2pix.make_pools(cfg, 0), prec)
+        torch.manual_seed(100 + step)
+        ref = reference.pix2pix_step(ref_nets, ref_opt, real_A, real_B, cfg, pix2pix.make_pools(cfg, 0))
+        _compare_losses(ours, ref, exact=norm == "batch")
+        _compare_nets(ours_nets, ref_nets, exact=norm == "batch")
+    assert ours_calls["G_A"] == ref_calls["G_A"] == 2
+    assert (ref_calls["D_A"], ours_calls["D_A"]) == (6, 6 if norm == "batch" else 4)
+
+
+def test_per_sample_networks():
+    inorm = _generator("resnet_6blocks", "instance", False, 0)
+    assert per_sample(inorm, build_discriminator("basic", 3, 4, 3, "instance"))
+    assert per_sample(build_discriminator("basic", 3, 4, 3, "none"))
+    assert not per_sample(inorm, build_discriminator("basic", 3, 4, 3, "batch"))        # BatchNorm2d
+    assert not per_sample(_generator("unet_128", "batch", False, 0))                     # TaskBatchNorm2d
+    dropout = _generator("resnet_6blocks", "instance", True, 0)
+    assert not per_sample(dropout) and per_sample(dropout.eval())                       # masks drawn per call
