@@ -2,7 +2,7 @@
 
 One explicit function in labelled paragraphs, as stylegan2-ada `training_loop`: build the task's
 networks, wrap each in its own DistributedDataParallel (and call them through it, so gradients are
-synchronised: bug B4 of the public code), resume from a snapshot, train with the junyanz CycleGAN /
+synchronised: docs/method.md, "DDP bypass"), resume from a snapshot, train with the junyanz CycleGAN /
 pix2pix recipe (piggyback/models), snapshot every K iterations, record forgetting probes, save.
 """
 from __future__ import annotations
@@ -162,7 +162,7 @@ def train_task(
     visuals: dict[str, torch.Tensor] = {}
     t_mark = time.perf_counter()
     while epoch < total_epochs and step < max_steps:
-        sampler.set_epoch(epoch)            # a new permutation per epoch (bug B5 of the public code)
+        sampler.set_epoch(epoch)            # a new permutation per epoch (docs/method.md, "Shuffled epochs")
         loader.dataset.set_epoch(epoch)     # per-sample crops / flips / partners of this epoch
         for batch in _remaining(loader, sampler, done):
             real_A = batch["A"].to(device, non_blocking=True)
