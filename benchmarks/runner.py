@@ -249,7 +249,7 @@ def run_growth(cfg: BenchConfig, device: torch.device, results: dict) -> None:
     from piggyback.accounting import growth_table
 
     for netG in cfg.growth_nets:
-        overrides = {"last": 1.0} if netG.startswith("unet") else {}   # DESIGN.md 2.2's U-Net convention
+        overrides = {"last": 1.0} if netG.startswith("unet") else {}   # docs/method.md, "Parameter growth"
         for lam in cfg.growth_lams:
             rows = growth_table(netG, 64, cfg.growth_tasks, lam, lam_overrides=overrides)
             results["growth"][f"{netG}/lam={lam}"] = {"netG": netG, "ngf": 64, "lam": lam, "lam_overrides": overrides,
