@@ -106,7 +106,7 @@ def train_task(
     if cfg.channels_last:
         for n in nets.values():
             n.to(memory_format=torch.channels_last)
-    adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **models.adam_options(cfg.adam_impl))
     opt = {"G": torch.optim.Adam([p for g in G.values() for p in task_parameters(g)], **adam),  # this task's tensors only
            "D": torch.optim.Adam([p for d in Ds.values() for p in d.parameters()], **adam)}
     sched = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(recipe.epochs, recipe.epochs_decay)) for k, o in opt.items()}
