@@ -76,7 +76,7 @@ def _dense(module: nn.Module, t: int) -> nn.Module:
         bn = nn.BatchNorm2d(module.num_features, module.eps, module.momentum)
         bn.load_state_dict({k: v.detach().clone() for k, v in module.task_state(t).items()})
         return bn
-    weight, bias = module.task_weight_bias(t)
+    weight, bias = module.task_weight(t), module.task_state(t).get("bias")
     args = (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding)
     if module.transposed:
         conv = nn.ConvTranspose2d(*args, output_padding=module.output_padding, bias=module.has_bias)
@@ -183,7 +183,7 @@ def infer_fn(net: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[
 def conv_macs(net: nn.Module, x: torch.Tensor) -> dict:
     """Multiply-accumulates of one forward (convolutions) and the extra work of the piggyback layers.
 
-    Per layer, in the order the layer picks for this input (`_mix_outputs_is_cheaper`):
+    Per layer, in the order the layer picks for this input (`order_for`):
     compose: p * N * d to compose, once forward and once backward (the mixing matrix's gradient);
     mix outputs: the convolution runs over m + N filters instead of n (forward and input gradient), the
     weight gradient over m only, and mixing costs p * N per output pixel (forward and two gradients).
@@ -213,7 +213,7 @@ def conv_macs(net: nn.Module, x: torch.Tensor) -> dict:
         if t < 2 or m.num_new(t) == n:
             continue
         p, n_bank = n - m.num_new(t), m.bank_rows_before(t)
-        if m._mix_outputs_is_cheaper(inp, n_bank, p):
+        if m.order_for(inp, n_bank, p) == "mix_outputs":
             mixed_layers += 1
             mix = p * n_bank * out_pixels
             extra_train += (2 * (n_bank - p) - p) * per_filter + 3 * mix
@@ -235,12 +235,12 @@ def compose_time(net: nn.Module, device: torch.device, repeats: int = 5) -> dict
     def forward_only():
         with torch.no_grad():
             for m in layers:
-                m.task_weight_bias(m.active_task)
+                m.task_weight(m.active_task)
 
     def with_backward():
         total = 0
         for m in layers:
-            w, _ = m.task_weight_bias(m.active_task)
+            w = m.task_weight(m.active_task)
             total = total + w.sum()
         if isinstance(total, torch.Tensor) and total.requires_grad:
             total.backward()

@@ -1,8 +1,8 @@
 """Parameter accounting: what each task adds, what a lifelong model stores, what separate models would cost.
 
-Counts are conv weights + conv biases (DESIGN.md 2.2; norm parameters are reported separately). Two
+Counts are conv weights + conv biases (docs/method.md, "Parameter growth"; norm parameters are reported separately). Two
 independent routes: `growth_table` is analytic (per layer: task 1 costs n*d + bias; task t >= 2 costs
-m*d + N_{t-1}*p + bias with N_{t-1} = n + (t-2)*m, reference/piggyback.md 1.3) and `measure` counts the
+m*d + N_{t-1}*p + bias with N_{t-1} = n + (t-2)*m, docs/method.md, "Lambda per layer") and `measure` counts the
 tensors a built network really holds. `piggyback growth` prints the analytic table without training.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Optional
 from torch import nn
 
 from .layers import PIGGYBACK_LAYERS, num_unconstrained
-from .networks import GeneratorConfig, build_generator
+from .networks import GeneratorConfig, build_generator, resolve_layer_lams
 from .norms import TaskBatchNorm2d
 
 
@@ -70,7 +70,7 @@ def measure(net: nn.Module) -> dict:
 
 # -- analytic ----------------------------------------------------------------------------------------
 def layer_new_params(n: int, d: int, bias: bool, lam: float, t: int) -> int:
-    """Parameters task t adds to one layer of n filters of size d (DESIGN.md 2.1 / 2.2)."""
+    """Parameters task t adds to one layer of n filters of size d (docs/method.md)."""
     b = n if bias else 0
     if t == 1:
         return n * d + b
@@ -97,16 +97,17 @@ def growth_table(
 
     Our layers follow junyanz's bias rule: a conv followed by BatchNorm has no bias. The public
     Piggyback code gives every piggyback layer a bias; `bias_everywhere=True` counts that way, which is
-    how DESIGN.md 2.2's unet_256 row was computed (5,504 more per task: the biases of the 15 of its 16
-    convs that junyanz builds without one).
+    how the published unet_256 row (docs/method.md, "Parameter growth") was computed (5,504 more per
+    task: the biases of the 15 of its 16 convs that junyanz builds without one).
     """
     if tasks < 1:
         raise ValueError(f"tasks must be >= 1, got {tasks}")
     cfg = GeneratorConfig(netG=netG, input_nc=input_nc, output_nc=output_nc, ngf=ngf,
                           norm=norm or default_norm(netG), lam=lam, lam_overrides=dict(lam_overrides or {}))
     net = build_generator(cfg)                 # 0 tasks: no weights are allocated
-    specs = [(m.out_channels, m.filter_size, m.has_bias or bias_everywhere, 1.0 if method == "separate" else m.lam)
-             for m in _layers(net)]
+    lams = resolve_layer_lams(cfg, net)
+    specs = [(m.out_channels, m.filter_size, m.has_bias or bias_everywhere, 1.0 if method == "separate" else lam_)
+             for m, lam_ in zip(_layers(net), lams.values())]
     full = sum(layer_new_params(n, d, b, lam_, 1) for n, d, b, lam_ in specs)
     norm_per_task = norm_params_per_task(net)
     rows, stored = [], 0

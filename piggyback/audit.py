@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -162,13 +162,14 @@ def _locate(model: LifelongModel, task: str, which: str, r: dict, reference: Opt
     return f"task {task!r} was altered: {which} no longer reproduces its probe (max |diff| {diff}); {where}"
 
 
-def rescore_with_final_weights(model: LifelongModel, tasks: list[str], data_root: Union[str, Path], size: int,
+def rescore_with_final_weights(model: LifelongModel, tasks: list[str], data_root: Union[str, Path],
+                               size: Union[int, Mapping[str, int]],
                                metrics_dir: Optional[Union[str, Path]] = None, batch_size: int = 50,
                                num_test: int = 0, device: Any = None, progress: bool = True) -> dict[str, dict]:
     """Fine-tuning baseline: L1 / PSNR / SSIM of earlier tasks (G_A) with the final weights on their test splits,
     beside the values right after training (``metrics/tasks/<task>.json``): ``forgetting_l1`` = final - after."""
     from .data.datasets import TestSet
-    from .evaluation import translate_split
+    from .scoring import translate_split
 
     out = {}
     for name in tasks:
@@ -178,7 +179,8 @@ def rescore_with_final_weights(model: LifelongModel, tasks: list[str], data_root
         if not record.get("dataset") or not data_dir.is_dir():
             row["final_reason"] = f"{data_dir} not found: run `dvc repro prepare@{record.get('dataset')}`"
         else:
-            testset = TestSet(data_dir, record["direction"], size, limit=num_test)
+            task_size = size[name] if isinstance(size, Mapping) else size
+            testset = TestSet(data_dir, record["direction"], task_size, limit=num_test)
             gt = translate_split(model.materialize(name, "G_A"), testset, None, batch_size, device, 0, progress).metrics
             row.update(final_l1=gt["l1"], final_psnr=gt["psnr"], final_ssim=gt["ssim"])
             if gt.get("gt_reason"):
@@ -199,7 +201,8 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def audit_checkpoint(final_dir: Union[str, Path], models_dir: Optional[Union[str, Path]] = None,
-                     data_root: Optional[Union[str, Path]] = None, size: Optional[int] = None,
+                     data_root: Optional[Union[str, Path]] = None,
+                     size: Optional[Union[int, Mapping[str, int]]] = None,
                      metrics_dir: Optional[Union[str, Path]] = None, batch_size: int = 50, num_test: int = 0,
                      device: Any = None, progress: bool = True) -> AuditResult:
     """Audit the final checkpoint `final_dir` (see `audit_model`); `models_dir` holds each task's own

@@ -1,7 +1,7 @@
 """Lifelong checkpoints: one folder per task holding tasks 1..t as state dicts + JSON metadata.
 
 Follows nanoGPT / nanochat (the checkpoint carries its config; the network is rebuilt from it, never
-unpickled) and STYLE.md 12. Layout (docs/architecture.md, Checkpoints):
+unpickled). Layout (docs/architecture.md, Checkpoints):
     generators.pt   {"G_A": state_dict, "G_B": state_dict}   (torch.load(weights_only=True))
     probes.pt       optional {task: tensors} written by training, checked by the audit
     meta.json       format_version, config, method, per-bank lambdas, task records (counts, tensor
@@ -147,7 +147,7 @@ def load_probes(ckpt_dir: str | Path, map_location: Any = "cpu") -> Optional[dic
 def check_compatible(model: LifelongModel, model_cfg: Any, method: Optional[str] = None) -> None:
     """Raise CheckpointError naming the first key where `model`'s architecture differs from the requested
     `ModelConfig` (params.yaml `model:`) or `method`; training calls this before adding a task."""
-    wanted = GeneratorConfig.from_model_config(model_cfg) if not isinstance(model_cfg, GeneratorConfig) else model_cfg
+    wanted = GeneratorConfig.from_model_config(model_cfg)
     have = model.config.to_dict()
     for key, value in wanted.to_dict().items():
         if have[key] != value:

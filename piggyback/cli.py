@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-GENERATORS = ("resnet_6blocks", "resnet_9blocks", "unet_128", "unet_256")
+from .config import GENERATORS, LAYER_GROUPS, NORMS
 
 
 def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
@@ -20,7 +20,7 @@ def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
     for item in args.lam_override or []:
         name, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--lam-override {item!r}: expected NAME=VALUE (NAME: first, last or a layer name)")
+            raise SystemExit(f"--lam-override {item!r}: expected NAME=VALUE (NAME: a layer group, {', '.join(LAYER_GROUPS)}, or a layer name)")
         out[name] = float(value)
     if args.last_lam is not None:
         out["last"] = args.last_lam
@@ -30,14 +30,14 @@ def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netG", choices=GENERATORS, default="resnet_9blocks")
     p.add_argument("--ngf", type=int, default=64, help="filters of the first conv (default 64)")
-    p.add_argument("--norm", choices=("instance", "batch", "none"), default=None,
+    p.add_argument("--norm", choices=NORMS, default=None,
                    help="default: instance for resnet_*, batch for unet_* (junyanz)")
     p.add_argument("--input-nc", type=int, default=3)
     p.add_argument("--output-nc", type=int, default=3)
     p.add_argument("--lam", type=float, default=0.25, help="unconstrained fraction per task (default 0.25)")
     p.add_argument("--last-lam", type=float, default=None, help="lambda of the output layer (e.g. 1.0 for U-Net)")
     p.add_argument("--lam-override", action="append", metavar="NAME=VALUE",
-                   help="per-layer lambda; NAME is first, last or a layer name (repeatable)")
+                   help=f"per-layer lambda; NAME is a layer group ({', '.join(LAYER_GROUPS)}) or a layer name (repeatable)")
     p.add_argument("--method", choices=("piggyback", "separate", "finetune"), default="piggyback")
 
 
@@ -77,7 +77,7 @@ def _probes(model) -> dict:
     """Forgetting probes for an imported task: two seeded random images per generator (no test set here)."""
     import torch
 
-    from .evaluation import input_multiple
+    from .translate import input_multiple
     from .probes import record_probes
 
     side = max(64, input_multiple(model.config.netG)[1])
@@ -89,7 +89,7 @@ def _probes(model) -> dict:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from .evaluation import translate_folder   # written by the evaluation module; imported only when used
+    from .translate import translate_folder   # imported only when used
 
     translate_folder(args.checkpoint, args.task, args.input, args.output, which=args.which, device=args.device)
     return 0

@@ -37,6 +37,8 @@ class DatasetConfig:
     n_train: int = 200                 # source=embedded: training images per domain.
     n_test: int = 50                   # source=embedded: test images per domain.
     resize: Optional[int] = None       # prepare: resize every image (square) to this side; null keeps sizes.
+    load_size: Optional[int] = None    # This dataset's data.load_size (train resize); null: see dataset_data().
+    crop_size: Optional[int] = None    # This dataset's data.crop_size (train crop, test size); null: data.crop_size.
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,74 @@ class DataConfig:
     download_retries: int = 4          # Attempts, with exponential backoff, before giving up.
 
 
+GENERATORS = ("resnet_6blocks", "resnet_9blocks", "unet_128", "unet_256")
+NORMS = ("instance", "batch", "none")
+# Layer groups a lambda override may name (`networks.layer_groups` maps them onto each architecture).
+LAYER_GROUPS = ("first", "down", "blocks", "up", "last")
+
+
+def check_lam(value: Any, key: str) -> float:
+    """A lambda (the unconstrained fraction of a layer's filters per task) as a float; ValueError naming
+    `key` unless it is a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{key}: lambda must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _flat_overrides(overrides: Any, prefix: str = "") -> dict[str, Any]:
+    """{model: {26: x}} -> {"model.26": x}: what `-S +model.lam_overrides.model.26=x` gives for a dotted name."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"lam_overrides{prefix and '.' + prefix[:-1]}: expected a mapping, got {overrides!r}")
+    out = {}
+    for k, v in overrides.items():
+        out.update(_flat_overrides(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class GeneratorConfig:
+    """The architecture every task of a generator bank shares; saved in each checkpoint's meta.json.
+
+    Validated here, once: a wrong value is a ValueError naming the field. `lam_overrides` keeps only
+    the overrides that are set (null means "use lam"), each a layer group (`LAYER_GROUPS`) or an exact
+    piggyback layer name (checked against the network by `networks.build_generator`).
+    """
+
     netG: str = "resnet_9blocks"       # resnet_6blocks | resnet_9blocks | unet_128 | unet_256
-    ngf: int = 64                      # Generator filters in the first layer.
-    norm: str = "instance"             # instance | batch | none
+    input_nc: int = 3                  # Channels in.
+    output_nc: int = 3                 # Channels out.
+    ngf: int = 64                      # Filters of the first conv.
+    norm: str = "instance"             # instance (affine=False, no state) | batch | none
     use_dropout: bool = False          # Dropout(0.5) in ResNet blocks / U-Net middle blocks.
-    lam: float = 0.25                  # Unconstrained fraction per task (lambda in the paper).
-    lam_overrides: dict = field(default_factory=dict)  # {layer name or "first"/"last": lambda}
+    lam: float = 0.25                  # Unconstrained fraction of every layer's filters per task (tasks >= 2).
+    lam_overrides: dict = field(default_factory=dict)  # {layer group | layer name: lambda or null}
+
+    def __post_init__(self):
+        if self.netG not in GENERATORS:
+            raise ValueError(f"netG: {self.netG!r} is not one of {list(GENERATORS)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm: {self.norm!r} is not one of {list(NORMS)}")
+        object.__setattr__(self, "lam", check_lam(self.lam, "lam"))
+        overrides = {str(k): check_lam(v, f"lam_overrides.{k}")
+                     for k, v in _flat_overrides(self.lam_overrides).items() if v is not None}
+        object.__setattr__(self, "lam_overrides", overrides)
+
+    @classmethod
+    def from_model_config(cls, model_cfg: Any) -> "GeneratorConfig":
+        """The generator part of a `ModelConfig` (netD/ndf/n_layers_D/init_from are dropped)."""
+        return cls(**{f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(GeneratorConfig)}
+
+
+@dataclass(frozen=True)
+class ModelConfig(GeneratorConfig):
+    """params.yaml `model`: the generator configuration plus the discriminator and the starting checkpoint."""
+
     netD: str = "basic"                # basic (70x70 PatchGAN) | n_layers | pixel
     ndf: int = 64                      # Discriminator filters in the first layer.
     n_layers_D: int = 3                # PatchGAN depth when netD=n_layers.
-    input_nc: int = 3
-    output_nc: int = 3
     init_from: Optional[str] = None    # A lifelong checkpoint under pretrained/ (`piggyback import-reference`):
                                        # the chain starts from its tasks instead of an empty model.
 
@@ -133,6 +190,7 @@ class MlflowConfig:
     tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
     experiment: str = "piggyback-gan"
     enabled: bool = True
+    registered_model: Optional[str] = "piggyback-gan"  # report: register the final generator under this name (null: don't)
 
 
 @dataclass(frozen=True)
@@ -154,8 +212,6 @@ class Params:
 CHOICES = {
     "DatasetConfig.source": {"embedded", "cyclegan", "pix2pix", "cityscapes", "folder"},
     "DataConfig.bad_images": {"skip", "stop"},
-    "ModelConfig.netG": {"resnet_6blocks", "resnet_9blocks", "unet_128", "unet_256"},
-    "ModelConfig.norm": {"instance", "batch", "none"},
     "ModelConfig.netD": {"basic", "n_layers", "pixel"},
     "CycleGANConfig.gan_mode": {"lsgan", "vanilla"},
     "Pix2PixConfig.gan_mode": {"lsgan", "vanilla"},
@@ -210,7 +266,12 @@ def build(cls: type, data: Any, key: str) -> Any:
         if allowed and value is not None and value not in allowed:
             raise ConfigError(f"{sub}: {value!r} is not one of {sorted(allowed)}")
         kwargs[f.name] = value
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own validation names the field: prefix the section
+        raise ConfigError(f"{key}.{e}") from None
     _validate(obj, key)
     return obj
 
@@ -226,14 +287,11 @@ def _validate(obj: Any, key: str) -> None:
     for name in positive.get(type(obj).__name__, []):
         if getattr(obj, name) <= 0:
             raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(obj, name)!r}")
-    lams = []
-    if isinstance(obj, ModelConfig):
-        lams = [("lam", obj.lam)] + [(f"lam_overrides.{k}", v) for k, v in obj.lam_overrides.items()]
     if isinstance(obj, TaskConfig) and obj.lam is not None:
-        lams = [("lam", obj.lam)]
-    for name, lam in lams:
-        if not isinstance(lam, (int, float)) or not 0 < lam <= 1:
-            raise ConfigError(f"{key}.{name}: lambda must be in (0, 1], got {lam!r}")
+        try:
+            check_lam(obj.lam, f"{key}.lam")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if isinstance(obj, DataConfig) and obj.load_size < obj.crop_size:
         raise ConfigError(f"{key}.load_size ({obj.load_size}) must be >= {key}.crop_size ({obj.crop_size})")
     if isinstance(obj, TrainConfig) and (obj.epochs < 0 or obj.epochs_decay < 0 or obj.epochs + obj.epochs_decay == 0):
@@ -286,7 +344,23 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         mlflow=build(MlflowConfig, raw.get("mlflow"), "mlflow"),
     )
     task_order(p.tasks)
+    for key in p.datasets:
+        dataset_data(p, key)   # per-dataset sizes checked like data.*
     return p
+
+
+def dataset_data(p: Params, dataset: str) -> DataConfig:
+    """`data` with `dataset`'s own load_size / crop_size put in: what its tasks train and test at.
+
+    Only crop_size given: load_size keeps data's ratio (72 / 64 * 256 = 288), so the random crop still
+    jitters. Only load_size given: crop_size is data.crop_size, capped at it.
+    """
+    ds, data = p.datasets[dataset], p.data
+    if ds.load_size is None and ds.crop_size is None:
+        return data
+    crop = ds.crop_size if ds.crop_size is not None else min(data.crop_size, ds.load_size)
+    load = ds.load_size if ds.load_size is not None else round(crop * data.load_size / data.crop_size)
+    return build(DataConfig, {**as_dict(data), "load_size": load, "crop_size": crop}, f"datasets.{dataset}")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

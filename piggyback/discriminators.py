@@ -1,7 +1,7 @@
 """Discriminators: junyanz's PatchGAN (NLayerDiscriminator) and PixelGAN, plain convolutions.
 
 Layout, bias rule and init follow junyanz/pytorch-CycleGAN-and-pix2pix `models/networks.py`
-(reference/reference.md 1.4-1.5). Discriminators are not piggybacked (DESIGN.md 2.1): each task builds
+(junyanz `models/networks.py`). Discriminators are not piggybacked (docs/method.md): each task builds
 a fresh one and discards it afterwards.
 """
 from __future__ import annotations

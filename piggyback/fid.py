@@ -192,11 +192,11 @@ def extract_features(images: ImageSource, model: nn.Module, batch_size: int = 50
         images = image_files(images)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     total = len(images) if hasattr(images, "__len__") else None
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     model.eval()
     feats = []
-    with tqdm(total=total, unit="img", desc="inception", disable=None if progress else True) as bar:
+    with progress_bar(total, "inception features", "img", enabled=progress) as bar:
         for batch in _batches(images, batch_size):
             # Cheap guard against generator outputs in [-1, 1] passed without conversion.
             if batch.min() < -1e-6 or batch.max() > 1 + 1e-6:
@@ -298,17 +298,8 @@ def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
     return frechet_distance(*feature_statistics(feats1), *feature_statistics(feats2))
 
 
-def compute_fid(images1: ImageSource, images2: ImageSource, model: nn.Module, batch_size: int = 50,
-                device: Union[str, torch.device, None] = None, progress: bool = True) -> float:
-    """FID between two image sets (see `extract_features` for the accepted inputs)."""
-    _require_weights(model)
-    f1 = extract_features(images1, model, batch_size, device, progress)
-    f2 = extract_features(images2, model, batch_size, device, progress)
-    return fid_from_features(f1, f2)
-
-
 # ----------------------------------------------------------------------------------------------
-# Cached reference statistics.
+# Cached reference features.
 
 def stats_key(image_hashes: Iterable[str], weights_sha256: str, key_parts: Mapping[str, Any]) -> str:
     """sha256 of (sorted image content hashes, weights hash, key_parts such as the resolution)."""
@@ -317,31 +308,28 @@ def stats_key(image_hashes: Iterable[str], weights_sha256: str, key_parts: Mappi
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def reference_stats(image_source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
-                    cache_dir: Union[str, os.PathLike], key_parts: Mapping[str, Any], model: nn.Module,
-                    batch_size: int = 50, device: Union[str, torch.device, None] = None,
-                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of reference images (a folder or a list of files), cached as ``<cache_dir>/<key>.npz``.
+def reference_features(files: Sequence[Union[str, os.PathLike]], cache_dir: Union[str, os.PathLike],
+                       key_parts: Mapping[str, Any], model: nn.Module, batch_size: int = 50,
+                       device: Union[str, torch.device, None] = None, progress: bool = True) -> np.ndarray:
+    """Pool3 features (N, 2048) of reference images, cached as ``<cache_dir>/<key>.npz``.
 
-    The key hashes every image's bytes, the weights hash and `key_parts` (put there whatever else changes
-    the features, e.g. ``{"resolution": 256}``): a changed image or other weights give another file.
+    The features themselves are kept, not only their mean and covariance, because KID needs them. The key
+    hashes every image's bytes, the weights hash and `key_parts` (put there whatever else changes the
+    features, e.g. ``{"resolution": 256}``): a changed image or other weights give another file.
     """
     weights_sha256 = _require_weights(model)
-    files = image_files(image_source) if isinstance(image_source, (str, os.PathLike)) else [Path(p) for p in image_source]
-    if len(files) < 2:
-        raise ValueError(f"reference statistics need >= 2 images, got {len(files)}")
-    key = stats_key((sha256_file(p) for p in files), weights_sha256, key_parts)
+    files = [Path(p) for p in files]
+    key = stats_key((sha256_file(p) for p in files), weights_sha256, {**key_parts, "content": "features"})
     path = Path(cache_dir) / f"{key}.npz"
     if path.is_file():
         try:
             with np.load(path) as f:
                 if str(f["key"]) == key:
-                    return f["mu"], f["sigma"]
+                    return f["features"]
         except (OSError, ValueError, KeyError):
             pass  # Unreadable cache file: recompute and replace it.
-    stats = FeatureStats.from_features(extract_features(files, model, batch_size, device, progress))
-    mu, sigma = stats.mean(), stats.cov()
+    feats = extract_features(files, model, batch_size, device, progress)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # A file object: np.savez would append ".npz".
-        np.savez(f, mu=mu, sigma=sigma, count=stats.count, key=key, weights_sha256=weights_sha256,
+        np.savez(f, features=feats, key=key, weights_sha256=weights_sha256,
                  parts=json.dumps(dict(key_parts), sort_keys=True))
-    return mu, sigma
+    return feats

@@ -1,9 +1,9 @@
 """Piggyback convolutions: each task's filters = new unconstrained filters + combinations of a frozen bank.
 
 Implements one layer of Zhai et al., "Piggyback GAN: Efficient Lifelong Learning for Image Conditioned
-Generation", ECCV 2020 (arXiv 2104.11939), as written in DESIGN.md section 2.1. Unlike the public code
-(reference/piggyback.md section 2) the piggyback filters are true combinations of bank filters (bug B1)
-and every task keeps its own bias (bug B3).
+Generation", ECCV 2020 (arXiv 2104.11939), as docs/method.md states it. Unlike the public code the
+piggyback filters are true combinations of bank filters and every task keeps its own bias (docs/method.md,
+"Piggyback filters in the span of the bank" and "Every per-task tensor stored").
 
 Paper symbols -> names here: F (filter bank) -> `filter_bank`, unconstrained filters U_t -> `new_filters`,
 piggyback weight matrix W_t -> `mix_weights`, lambda -> `lam`, m = ceil(lam * n), p = n - m.
@@ -17,22 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import check_lam
+from .taskmodule import TaskModule
+
 
 def num_unconstrained(lam: float, n: int) -> int:
     """m = ceil(lam * n), the number of new filters a task adds; immune to float noise (0.1 * 30 -> 3)."""
-    if not 0 < lam <= 1:
-        raise ValueError(f"lambda must be in (0, 1], got {lam!r}")
-    return math.ceil(round(lam * n, 6))
-
-
-def check_task(t: int, num_tasks: int) -> None:
-    """Task numbers are 1-based; ValueError naming the task otherwise (layers and per-task norms)."""
-    if not 1 <= t <= num_tasks:
-        raise ValueError(f"task {t} does not exist: this layer has {num_tasks} task(s)")
+    return math.ceil(round(check_lam(lam, "lam") * n, 6))
 
 
 def compose_weight(bank: Tensor, mix: Optional[Tensor], new: Tensor, transposed: bool) -> Tensor:
-    """Dense weight of one task: W = cat([U, P]) along the filter axis (DESIGN.md 2.1).
+    """Dense weight of one task: W = cat([U, P]) along the filter axis (docs/method.md).
 
     Conv2d (filters on dim 0):          P = einsum('nchw,np->pchw', bank, mix)
     ConvTranspose2d (filters on dim 1): P = einsum('cnhw,np->cphw', bank, mix)
@@ -53,7 +48,26 @@ def compose_weight(bank: Tensor, mix: Optional[Tensor], new: Tensor, transposed:
     return torch.cat([new, pb], 1)
 
 
-class _PiggybackConvNd(nn.Module):
+def cheaper_order(n: int, p: int, n_bank: int, filter_size: int, per_filter: int, out_pixels: int) -> str:
+    """The order choice of a piggyback layer: "compose" or "mix_outputs", whichever takes fewer multiply-adds.
+
+    Both orders compute the same linear map (see docs/method.md, "Order choice"). With n filters of which
+    p are piggyback (m = n - p new), a bank of N filters of d values, c multiply-adds per filter
+    convolution and o output pixels over the batch (`conv_work` gives c and o):
+
+        compose:      p * N * d  +  n * c          (P = F W_t, then one convolution over n filters)
+        mix outputs:  (m + N) * c  +  p * N * o    (convolve with U_t and F, then mix F's outputs)
+
+    Composing is independent of the input size; mixing outputs wins on small feature maps with large
+    filters (the inner layers of a U-Net). Ties go to composing. Only shapes enter, so an input of a given
+    size always takes the same path (bit-exact probes).
+    """
+    compose = p * n_bank * filter_size + n * per_filter
+    mix_outputs = (n - p + n_bank) * per_filter + p * n_bank * out_pixels
+    return "mix_outputs" if mix_outputs < compose else "compose"
+
+
+class _PiggybackConvNd(TaskModule):
     """State and task bookkeeping shared by the two piggyback layers (see docs/architecture.md, Layers).
 
     Tasks are numbered from 1. Frozen task s lives in buffers: its new filters are rows
@@ -64,6 +78,7 @@ class _PiggybackConvNd(nn.Module):
 
     transposed = False
     filter_dim = 0                              # Axis of the weight that indexes output filters.
+    task_tensors = {"filters": "new_filters", "mix": "mix_weights", "bias": "bias"}
 
     def __init__(
         self,
@@ -73,7 +88,6 @@ class _PiggybackConvNd(nn.Module):
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] = 0,
         bias: bool = True,                      # Per-task bias (False before batch norm, as junyanz).
-        lam: float = 0.25,                      # Default unconstrained fraction for tasks >= 2.
         output_padding: int | tuple[int, int] = 0,  # ConvTranspose2d only.
     ):
         super().__init__()
@@ -82,16 +96,12 @@ class _PiggybackConvNd(nn.Module):
         self.kernel_size, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
         self.output_padding = pair(output_padding)
         self.has_bias = bias
-        num_unconstrained(lam, out_channels)    # validates lam
-        self.lam = lam
         self.lams: list[float] = []             # One lambda per task; task 1 is recorded as 1.0.
-        self.active_task = 0                    # Task `forward` runs (1-based; 0 = none yet).
-        self.trainable_task = 0                 # Task held in Parameters (0 = all frozen).
         self.register_buffer("filter_bank", torch.empty(self._filter_shape(0)))
         self.register_parameter("new_filters", None)
         self.register_parameter("mix_weights", None)
         self.register_parameter("bias", None)
-        self._weight_cache: Optional[dict] = None  # set by lifelong.reuse_composed_weights (one iteration)
+        self._weight_cache: Optional[dict] = None  # see `cache_composed_weights`
 
     # -- shapes and sizes --------------------------------------------------------------------------
     def _filter_shape(self, count: int) -> tuple[int, ...]:
@@ -122,10 +132,11 @@ class _PiggybackConvNd(nn.Module):
         return sum(self.num_new(s) for s in range(1, t))
 
     # -- task operations ---------------------------------------------------------------------------
-    def add_task(self, lam: Optional[float] = None) -> None:
-        """Freeze the trainable task (if any), add a new trainable task with fresh N(0, 0.02) tensors, run it."""
-        self.freeze()
-        lam = 1.0 if self.num_tasks == 0 else float(self.lam if lam is None else lam)
+    def _new_task(self, lam: Optional[float]) -> None:
+        """Fresh trainable tensors for a task of lambda `lam` (1.0 for task 1): m new filters, the mixing matrix."""
+        if self.num_tasks and lam is None:
+            raise ValueError("a task after the first needs its lambda (networks.resolve_layer_lams gives it)")
+        lam = 1.0 if self.num_tasks == 0 else float(lam)
         m = num_unconstrained(lam, self.out_channels)
         p = self.out_channels - m
         n_bank = self.bank_rows_before(self.num_tasks + 1)
@@ -134,8 +145,6 @@ class _PiggybackConvNd(nn.Module):
         self.new_filters = nn.Parameter(torch.empty(self._filter_shape(m), **like))
         self.mix_weights = nn.Parameter(torch.empty(n_bank, p, **like)) if p > 0 else None
         self.bias = nn.Parameter(torch.empty(self.out_channels, **like)) if self.has_bias else None
-        self.trainable_task = self.active_task = self.num_tasks
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -147,69 +156,42 @@ class _PiggybackConvNd(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    @torch.no_grad()
-    def freeze(self) -> None:
-        """Move the trainable task into buffers: its filters are appended to the bank."""
-        t = self.trainable_task
-        if not t:
-            return
-        self.filter_bank = torch.cat([self.filter_bank, self.new_filters.detach()], self.filter_dim)
-        if self.mix_weights is not None:
-            self.register_buffer(f"mix_{t}", self.mix_weights.detach().clone())
-        if self.bias is not None:
-            self.register_buffer(f"bias_{t}", self.bias.detach().clone())
-        self.new_filters = self.mix_weights = self.bias = None
-        self.trainable_task = 0
+    # -- per-task storage: task s's new filters are rows [N_{s-1}, N_s) of the bank -------------------
+    def _store(self, key: str, t: int, value: Tensor) -> None:
+        if key != "filters":
+            return super()._store(key, t, value)
+        self.filter_bank = torch.cat([self.filter_bank, value], self.filter_dim)
 
-    @torch.no_grad()
-    def thaw(self) -> None:
-        """Inverse of `freeze` for the last task: make it trainable again (fine-tuning baseline)."""
-        t = self.num_tasks
-        if not t or self.trainable_task:
-            return
+    def _stored(self, key: str, t: int) -> Optional[Tensor]:
+        if key != "filters":
+            return super()._stored(key, t)
+        return self.filter_bank.narrow(self.filter_dim, self.bank_rows_before(t), self.num_new(t))
+
+    def _unstore(self, key: str, t: int) -> Optional[Tensor]:
+        if key != "filters":
+            return super()._unstore(key, t)
         start = self.bank_rows_before(t)
-        self.new_filters = nn.Parameter(self.filter_bank.narrow(self.filter_dim, start, self.num_new(t)).clone())
+        filters = self.filter_bank.narrow(self.filter_dim, start, self.num_new(t)).clone()
         self.filter_bank = self.filter_bank.narrow(self.filter_dim, 0, start).clone()
-        for key in ("mix", "bias"):
-            name = f"{key}_{t}"
-            value = self._buffers.pop(name, None)
-            setattr(self, "mix_weights" if key == "mix" else "bias", None if value is None else nn.Parameter(value))
-        self.trainable_task = t
+        return filters
 
-    def set_task(self, t: int) -> None:
-        """Choose which learned task `forward` runs."""
-        check_task(t, self.num_tasks)
-        self.active_task = t
-
-    # -- per-task tensors --------------------------------------------------------------------------
-    def task_state(self, t: int) -> dict[str, Tensor]:
-        """Task t's own tensors: its new filters (U_t), mixing matrix (W_t) and bias."""
-        check_task(t, self.num_tasks)
-        if t == self.trainable_task:
-            out = {"filters": self.new_filters, "mix": self.mix_weights, "bias": self.bias}
-        else:
-            start = self.bank_rows_before(t)
-            out = {
-                "filters": self.filter_bank.narrow(self.filter_dim, start, self.num_new(t)),
-                "mix": self._buffers.get(f"mix_{t}"),
-                "bias": self._buffers.get(f"bias_{t}"),
-            }
-        return {k: v for k, v in out.items() if v is not None}
-
-    def task_weight_bias(self, t: int) -> tuple[Tensor, Optional[Tensor]]:
-        """Dense weight and bias of task t; the weight is composed from the first N_{t-1} bank filters."""
+    # -- the composed weight -------------------------------------------------------------------------
+    def task_weight(self, t: int) -> Tensor:
+        """Dense weight of task t, composed from its own tensors and the first N_{t-1} bank filters."""
         state = self.task_state(t)
         bank = self.filter_bank.narrow(self.filter_dim, 0, self.bank_rows_before(t))
         weight = compose_weight(bank, state.get("mix"), state["filters"], self.transposed)
         if weight.shape != self.weight_shape:   # the one shape check where the bank is composed
             raise RuntimeError(f"composed weight {tuple(weight.shape)} != expected {self.weight_shape}")
-        return weight, state.get("bias")
+        return weight
 
-    def task_weight(self, t: int) -> Tensor:
-        return self.task_weight_bias(t)[0]
+    def cache_composed_weights(self, enabled: bool) -> None:
+        """Start (True) or end (False) a scope in which `forward` composes each task's weight only once.
 
-    def task_bias(self, t: int) -> Optional[Tensor]:
-        return self.task_state(t).get("bias")
+        Used by `lifelong.reuse_composed_weights` for one training iteration; ending it drops the cache,
+        which holds weights of the parameter values at the time they were composed.
+        """
+        self._weight_cache = {} if enabled else None
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -224,8 +206,8 @@ class _PiggybackConvNd(nn.Module):
         t = self._active()
         state = self.task_state(t)
         mix = state.get("mix")
-        if mix is None or mix.shape[1] == 0 or not self._mix_outputs_is_cheaper(x, mix.shape[0], mix.shape[1]):
-            return self._conv(x, *self._composed(t))
+        if mix is None or mix.shape[1] == 0 or self.order_for(x, mix.shape[0], mix.shape[1]) == "compose":
+            return self._conv(x, self._composed(t), state.get("bias"))
         bank = self.filter_bank.narrow(self.filter_dim, 0, mix.shape[0])
         filters = state["filters"]
         if self.transposed:   # slices on dim 1 are strided: a fixed layout however large the bank grows
@@ -238,14 +220,14 @@ class _PiggybackConvNd(nn.Module):
             mixed = mixed + bias[m:].view(1, -1, 1, 1)
         return torch.cat([own, mixed], 1)
 
-    def _composed(self, t: int) -> tuple[Tensor, Optional[Tensor]]:
-        """task_weight_bias(t), computed once per `reuse_composed_weights` scope (same grad/autocast mode)."""
+    def _composed(self, t: int) -> Tensor:
+        """task_weight(t), computed once per `cache_composed_weights` scope (same grad/autocast mode)."""
         cache = self._weight_cache
         if cache is None:
-            return self.task_weight_bias(t)
+            return self.task_weight(t)
         key = (t, torch.is_grad_enabled(), torch.is_autocast_enabled())
         if key not in cache:
-            cache[key] = self.task_weight_bias(t)
+            cache[key] = self.task_weight(t)
         return cache[key]
 
     #: "auto" (cheaper order per call), "compose" or "mix_outputs": a class-wide override for tests/benchmarks.
@@ -261,28 +243,22 @@ class _PiggybackConvNd(nn.Module):
         ho, wo = self._out_hw(h, w)
         return self.filter_size * b * (h * w if self.transposed else ho * wo), b * ho * wo
 
-    def _mix_outputs_is_cheaper(self, x: Tensor, n_bank: int, p: int) -> bool:
+    def order_for(self, x: Tensor, n_bank: int, p: int) -> str:
+        """The order `forward` takes for input `x` with a bank of `n_bank` filters and `p` piggyback filters:
+        `cheaper_order` of this layer's shapes, unless the class-wide `order` override says otherwise."""
         if self.order != "auto":
-            return self.order == "mix_outputs"
+            return self.order
         if x.dim() != 4:
-            return False
+            return "compose"
         per_filter, out_pixels = self.conv_work(x)
-        m = self.out_channels - p
-        compose = p * n_bank * self.filter_size + self.out_channels * per_filter
-        mix_outputs = (m + n_bank) * per_filter + p * n_bank * out_pixels
-        return mix_outputs < compose
-
-    def _active(self) -> int:
-        if not self.active_task:
-            raise RuntimeError(f"{type(self).__name__} has no task yet: call add_task() first")
-        return self.active_task
+        return cheaper_order(self.out_channels, p, n_bank, self.filter_size, per_filter, out_pixels)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
              f"padding={self.padding}")
         if self.transposed:
             s += f", output_padding={self.output_padding}"
-        return s + f", bias={self.has_bias}, lam={self.lam}, tasks={self.lams}, active={self.active_task}"
+        return s + f", bias={self.has_bias}, lams={self.lams}, active={self.active_task}"
 
 
 class PiggybackConv2d(_PiggybackConvNd):
@@ -290,8 +266,8 @@ class PiggybackConv2d(_PiggybackConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                 bias: bool = True, lam: float = 0.25):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam)
+                 bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding)
@@ -317,8 +293,8 @@ class PiggybackConvTranspose2d(_PiggybackConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                 output_padding: int | tuple[int, int] = 0, bias: bool = True, lam: float = 0.25):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, lam, output_padding)
+                 output_padding: int | tuple[int, int] = 0, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, output_padding)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
@@ -341,7 +317,7 @@ class PiggybackConvTranspose2d(_PiggybackConvNd):
 def _copy_dense(conv: nn.Module, layer: _PiggybackConvNd, t: int) -> None:
     conv.weight.copy_(layer.task_weight(t))
     if layer.has_bias:
-        conv.bias.copy_(layer.task_bias(t))
+        conv.bias.copy_(layer.task_state(t)["bias"])
 
 
 PIGGYBACK_LAYERS = (PiggybackConv2d, PiggybackConvTranspose2d)

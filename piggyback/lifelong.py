@@ -1,6 +1,6 @@
 """Lifelong generators: task operations on whole networks and the multi-task model every stage shares.
 
-Implements the task life cycle of Piggyback GAN (Zhai et al., ECCV 2020; DESIGN.md 2.1): add a task,
+Implements the task life cycle of Piggyback GAN (Zhai et al., ECCV 2020; docs/method.md): add a task,
 train only its tensors, freeze it into the bank, and run any learned task again later, exactly. The
 baselines of the paper's Fig. 1 share the same code: "separate" (lambda 1 on every layer: a full new
 generator per task) and "finetune" (one slot re-trained by every task, so earlier tasks are overwritten).
@@ -17,8 +17,9 @@ from torch import nn
 
 from . import accounting
 from .layers import PIGGYBACK_LAYERS
-from .networks import GeneratorConfig, build_generator
-from .norms import TaskBatchNorm2d
+from .config import check_lam
+from .networks import GeneratorConfig, build_generator, resolve_layer_lams
+from .taskmodule import TaskModule
 
 METHODS = ("piggyback", "separate", "finetune")
 MODES = {"cyclegan": ("G_A", "G_B"), "pix2pix": ("G_A",)}   # Code (paper): G_A (G: A->B), G_B (F: B->A)
@@ -31,7 +32,7 @@ _RECORD_KEYS = ("name", "mode", "direction", "dataset", "lam", "index", "lambda"
 # -- task operations on a whole network -------------------------------------------------------------------
 def task_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module holding per-task state: piggyback convs and TaskBatchNorm2d."""
-    return [(n, m) for n, m in net.named_modules() if isinstance(m, PIGGYBACK_LAYERS + (TaskBatchNorm2d,))]
+    return [(n, m) for n, m in net.named_modules() if isinstance(m, TaskModule)]
 
 
 def num_tasks(net: nn.Module) -> int:
@@ -41,26 +42,12 @@ def num_tasks(net: nn.Module) -> int:
     return counts.pop() if counts else 0
 
 
-def layer_lams(net: nn.Module, lam: Optional[float] = None, force: Optional[float] = None) -> dict[str, float]:
-    """Lambda of each piggyback layer for a new task: `force` on every layer, else the config's per-layer
-    overrides, else `lam` (a task's own lambda), else the layer's default (the config's `lam`)."""
-    cfg = getattr(net, "config", None)
-    overridden = set()
-    if cfg is not None:
-        names = [n for n, m in net.named_modules() if isinstance(m, PIGGYBACK_LAYERS)]
-        aliases = {"first": names[0], "last": names[-1]}
-        overridden = {aliases.get(k, k) for k in cfg.lam_overrides}
-    out = {}
-    for name, m in net.named_modules():
-        if isinstance(m, PIGGYBACK_LAYERS):
-            out[name] = force if force is not None else (m.lam if lam is None or name in overridden else lam)
-    return out
+def add_task(net: nn.Module, lams: Optional[dict[str, float]] = None) -> int:
+    """Freeze the current task and add a new trainable one to every layer; the network runs it. Returns t.
 
-
-def add_task(net: nn.Module, lams: Optional[dict[str, float] | float] = None) -> int:
-    """Freeze the current task and add a new trainable one to every layer; the network runs it. Returns t."""
-    if not isinstance(lams, dict):
-        lams = layer_lams(net, lams)
+    `lams`: the lambda of every piggyback layer; default `networks.resolve_layer_lams(net.config, net)`."""
+    if lams is None:
+        lams = resolve_layer_lams(net.config, net)
     for name, m in task_modules(net):
         m.add_task(lams.get(name) if isinstance(m, PIGGYBACK_LAYERS) else None)
     return num_tasks(net)
@@ -122,12 +109,12 @@ def reuse_composed_weights(*nets: nn.Module) -> Iterator[None]:
     """
     layers = [m for net in nets for m in net.modules() if isinstance(m, PIGGYBACK_LAYERS)]
     for m in layers:
-        m._weight_cache = {}
+        m.cache_composed_weights(True)
     try:
         yield
     finally:
         for m in layers:
-            m._weight_cache = None
+            m.cache_composed_weights(False)
 
 
 @torch.no_grad()
@@ -195,8 +182,7 @@ class LifelongModel(nn.Module):
             raise ValueError(f"task name {name!r} is empty or already used")
         if mode not in MODES or direction not in DIRECTIONS:
             raise ValueError(f"mode {mode!r} / direction {direction!r}: expected one of {list(MODES)} / {list(DIRECTIONS)}")
-        if lam is not None and not 0 < lam <= 1:
-            raise ValueError(f"lam must be in (0, 1], got {lam!r}")
+        lam = None if lam is None else check_lam(lam, "lam")
         if "G_B" in MODES[mode] and "G_B" not in self.generators:
             self.generators["G_B"] = build_generator(self.config).to(self._device())
         record = {"name": name, "mode": mode, "direction": direction, "dataset": dataset,
@@ -211,7 +197,8 @@ class LifelongModel(nn.Module):
                     if earlier["index"].get(which) == num_tasks(net):
                         earlier["overwritten_by"][which] = name
             else:
-                add_task(net, layer_lams(net, lam, force=1.0 if self.method == "separate" else None))
+                lams = resolve_layer_lams(self.config, net, lam)
+                add_task(net, {n: 1.0 for n in lams} if self.method == "separate" else lams)
             slot = num_tasks(net)
             set_task(net, slot).train()
             record["index"][which] = slot

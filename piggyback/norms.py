@@ -1,9 +1,9 @@
 """Per-task batch normalisation: every task keeps its own affine parameters and running statistics.
 
-The public Piggyback code never stores norm state per task (bug B3, reference/piggyback.md 2.4), so
+The public Piggyback code never stores norm state per task (docs/method.md, "Every per-task tensor stored"), so
 earlier tasks come back with the wrong statistics. Here task s's BatchNorm state is kept in buffers
 and is never updated again, even in train mode; the trainable task behaves exactly like junyanz's
-`nn.BatchNorm2d(affine=True, track_running_stats=True)` (reference.md 1.1).
+`nn.BatchNorm2d(affine=True, track_running_stats=True)`.
 """
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import check_task
+from .taskmodule import TaskModule
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-class TaskBatchNorm2d(nn.Module):
+class TaskBatchNorm2d(TaskModule):
     """BatchNorm2d with one set of (weight, bias, running_mean, running_var, num_batches_tracked) per task.
 
     The trainable task uses the plain nn.BatchNorm2d names (Parameters `weight`, `bias`; buffers
     `running_mean`, `running_var`, `num_batches_tracked`); frozen task s uses buffers `<name>_<s>`.
     """
+
+    task_tensors = {name: name for name in _STATE}
 
     def __init__(
         self,
@@ -31,19 +33,13 @@ class TaskBatchNorm2d(nn.Module):
     ):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.num_tasks = 0
-        self.active_task = 0                    # Task `forward` runs (1-based; 0 = none yet).
-        self.trainable_task = 0                 # Task held in Parameters (0 = all frozen).
+        self._num_tasks = 0
         for name in _STATE:
             (self.register_parameter if name in ("weight", "bias") else self.register_buffer)(name, None)
 
     # -- task operations ---------------------------------------------------------------------------
-    def add_task(self, lam: float | None = None) -> None:
-        """Freeze the trainable task (if any) and add a fresh one: weight ~ N(1, 0.02), bias 0, stats reset.
-
-        `lam` is accepted (and ignored) so that every task-aware module shares one signature.
-        """
-        self.freeze()
+    def _new_task(self, lam: float | None) -> None:
+        """Fresh affine parameters and statistics (`lam` does not apply to a norm)."""
         device = self._device()
         c = self.num_features
         self.weight = nn.Parameter(torch.empty(c, device=device))
@@ -51,49 +47,18 @@ class TaskBatchNorm2d(nn.Module):
         self.running_mean = torch.zeros(c, device=device)
         self.running_var = torch.ones(c, device=device)
         self.num_batches_tracked = torch.zeros((), dtype=torch.long, device=device)
-        self.num_tasks += 1
-        self.trainable_task = self.active_task = self.num_tasks
-        self.reset_parameters()
+        self._num_tasks += 1
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """junyanz init for BatchNorm2d: weight ~ N(1, 0.02), bias 0."""
+        """junyanz init for BatchNorm2d: weight ~ N(1, 0.02), bias 0 (stats were reset by `add_task`)."""
         if self.weight is not None:
             nn.init.normal_(self.weight, 1.0, 0.02)
             nn.init.zeros_(self.bias)
 
-    @torch.no_grad()
-    def freeze(self) -> None:
-        """Move the trainable task's affine parameters and statistics into per-task buffers."""
-        t = self.trainable_task
-        if not t:
-            return
-        for name in _STATE:
-            self.register_buffer(f"{name}_{t}", getattr(self, name).detach().clone())
-            setattr(self, name, None)
-        self.trainable_task = 0
-
-    @torch.no_grad()
-    def thaw(self) -> None:
-        """Make the last (frozen) task trainable again (fine-tuning baseline)."""
-        t = self.num_tasks
-        if not t or self.trainable_task:
-            return
-        for name in _STATE:
-            value = self._buffers.pop(f"{name}_{t}")
-            setattr(self, name, nn.Parameter(value) if name in ("weight", "bias") else value)
-        self.trainable_task = t
-
-    def set_task(self, t: int) -> None:
-        check_task(t, self.num_tasks)
-        self.active_task = t
-
-    def task_state(self, t: int) -> dict[str, Tensor]:
-        """Task t's own tensors: affine parameters and running statistics."""
-        check_task(t, self.num_tasks)
-        if t == self.trainable_task:
-            return {name: getattr(self, name) for name in _STATE}
-        return {name: self._buffers[f"{name}_{t}"] for name in _STATE}
+    @property
+    def num_tasks(self) -> int:
+        return self._num_tasks
 
     def _device(self) -> torch.device:
         for tensor in list(self._buffers.values()) + list(self._parameters.values()):
@@ -103,9 +68,7 @@ class TaskBatchNorm2d(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        t = self.active_task
-        if not t:
-            raise RuntimeError("TaskBatchNorm2d has no task yet: call add_task() first")
+        t = self._active()
         if t == self.trainable_task:
             # Exactly nn.BatchNorm2d: batch statistics in train mode, running statistics updated.
             if self.training:

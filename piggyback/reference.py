@@ -1,6 +1,6 @@
 """Import a pretrained junyanz/pytorch-CycleGAN-and-pix2pix generator as task 1 of a lifelong model.
 
-Our generators keep junyanz's module names (reference/reference.md 1.2-1.3), so `model.1.weight` of a
+Our generators keep junyanz's module names (junyanz `models/networks.py`), so `model.1.weight` of a
 `latest_net_G.pth` becomes task 1's `new_filters` of layer `model.1`, and so on. As junyanz's
 `BaseModel.__patch_instance_norm_state_dict` does, stale InstanceNorm running stats of pre-0.4 checkpoints
 are dropped; DataParallel's `module.` prefixes are stripped.

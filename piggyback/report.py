@@ -18,14 +18,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from piggyback.config import Params
+from piggyback.donothing import REFERENCES, SCORES, reference_markdown
 from piggyback.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from piggyback.metricsfile import numbers_only, read_record
 
 QUALITY = ("fid", "kid", "l1", "psnr", "ssim")
+DO_NOTHING = tuple(f"{ref}_{s}" for ref in REFERENCES for s in SCORES)   # identity_l1, mean_target_l1, ...
+# Quality and size first: the columns a reader looks for (MLflow's table view and `dvc exp show` cut the rest).
 COLUMNS = (
-    "name", "dataset", "mode", "direction", "fid", "kid", "kid_std", "l1", "psnr", "ssim",
-    "new_params", "stored_params", "separate_params", "stored_vs_separate",
+    "name", "l1", "psnr", "ssim", "fid", "kid", "kid_std", "stored_params", "new_params", "separate_params",
+    "stored_vs_separate", *DO_NOTHING, "dataset", "mode", "direction",
     "forgetting_max_abs_diff", "forgetting_exact", "final_l1", "forgetting_l1", "mlflow_run_id",
 )
+# metrics/per_task.json (summary key -> short name: `dvc exp show` columns read t1.l1, t1.stored, ...).
+PER_TASK = {"l1": "l1", "psnr": "psnr", "ssim": "ssim", "fid": "fid", "kid": "kid", "stored_params": "stored",
+            "new_params": "new", **{k: k for k in DO_NOTHING}}
 # Per-task numbers compared across methods (piggyback / separate / finetune), read back from MLflow.
 COMPARED = ("fid", "l1", "final_l1", "forgetting_l1", "stored_params", "forgetting_max_abs_diff")
 
@@ -67,16 +74,16 @@ def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
     if meta is None:
         raise FileNotFoundError(f"{meta_path} not found: run `dvc repro train@{order[-1]}` first")
     records = _task_records(meta)
-    forgetting = (_read_json(metrics_dir / "forgetting.json") or {}).get("tasks", {})
+    forgetting = (read_record(metrics_dir, "forgetting.json") or {}).get("tasks", {})
     rows = []
     imported = [r["name"] for r in meta.get("tasks", []) if r["name"] not in params.tasks]  # model.init_from
     for name in imported + order:
         task = params.tasks.get(name) or _Imported(records[name])
-        ev = _read_json(metrics_dir / "tasks" / f"{name}.json") or {}
+        ev = read_record(metrics_dir, f"tasks/{name}.json") or {}
         if name in imported:
             ev = {"fid_reason": "imported by model.init_from: not trained or evaluated by this pipeline",
                   "gt_reason": "imported by model.init_from: not trained or evaluated by this pipeline"}
-        tr = _read_json(metrics_dir / "train" / f"{name}.json") or {}
+        tr = read_record(metrics_dir, f"train/{name}.json") or {}
         rec = records.get(name)
         if rec is None:
             raise ValueError(f"{meta_path}: task {name!r} is missing from the final checkpoint")
@@ -91,6 +98,7 @@ def build_summary(params: Params, metrics_dir: Path, models_dir: Path) -> dict:
             if row[key] is None:
                 row[f"{key}_reason"] = ev.get(f"{key}_reason") or ev.get("fid_reason" if key in ("fid", "kid") else "gt_reason") \
                     or ("evaluation missing" if not ev else "not reported")
+        row.update({key: _finite(ev.get(key)) for key in DO_NOTHING})
         for key in ("new_params", "stored_params", "separate_params"):
             row[key] = rec.get(key)
         sep = row["separate_params"]
@@ -214,6 +222,9 @@ def to_markdown(summary: dict) -> str:
     reasons = sorted({f"{k[:-7]}: {v}" for r in summary["tasks"] for k, v in r.items() if k.endswith("_reason")})
     if reasons:
         lines += ["", "n/a means unavailable:"] + [f"- {r}" for r in reasons]
+    reference = reference_markdown(summary["tasks"], _fmt)
+    if reference:
+        lines += ["", reference.rstrip("\n")]
     lines += ["", "L1 is the mean absolute error on [0, 1] against the true target image; PSNR in dB; "
               "stored params count conv weights and biases of every task kept (norm parameters excluded)."]
     if len(summary.get("comparison", {}).get("methods", [])) > 1:
@@ -240,11 +251,12 @@ def _plots(summary: dict, out_dir: Path) -> list[Path]:
     names = [r["name"] for r in rows]
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(names, [r["stored_params"] / 1e6 for r in rows], "o-", label=f"piggyback ({summary['method']})")
-    ax.plot(names, [r["separate_params"] / 1e6 for r in rows], "s--", label="separate models")
+    ax.plot(names, [r["stored_params"] / 1e6 for r in rows], "o-", label=f"stored by this run ({summary['method']})")
+    ax.plot(names, [r["separate_params"] / 1e6 for r in rows], "s--", label="one separate model per task")
     ax.set_xlabel("after task")
     ax.set_ylabel("stored parameters (M)")
     ax.set_title("Parameter growth")
+    ax.set_ylim(bottom=0)   # growth read against zero, not against the first task
     ax.legend()
     fig.tight_layout()
     paths.append(out_dir / "growth.png")
@@ -252,12 +264,17 @@ def _plots(summary: dict, out_dir: Path) -> list[Path]:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
-    metrics = [m for m in ("l1", "ssim", "fid") if any(r[m] is not None for r in rows)]
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(3.2 * max(len(metrics), 1), 3.2))
+    metrics = [m for m in ("l1", "psnr", "ssim", "fid") if any(r[m] is not None for r in rows)]
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(3.4 * max(len(metrics), 1), 3.4))
     axes = axes if hasattr(axes, "__len__") else [axes]
     for ax, m in zip(axes, metrics):
-        ax.bar(names, [r[m] if r[m] is not None else 0.0 for r in rows], color="#4c72b0")
-        ax.set_title(m.upper() + (" (lower is better)" if m in ("l1", "fid") else ""))
+        ax.bar(names, [r[m] if r[m] is not None else 0.0 for r in rows], color="#4c72b0", label="model")
+        same = [r.get(f"identity_{m}") for r in rows]
+        if any(v is not None for v in same):
+            ax.scatter(names, [v if v is not None else float("nan") for v in same], marker="_", s=300,
+                       color="#dd8452", zorder=3, label="input unchanged")
+            ax.legend(fontsize=7)
+        ax.set_title(m.upper() + (" (lower is better)" if m in ("l1", "fid") else " (higher is better)"))
     if not metrics:
         axes[0].text(0.5, 0.5, "no quality metric available", ha="center")
     fig.suptitle("Quality per task")
@@ -297,14 +314,23 @@ def _comparison_plot(plt, comparison: dict, path: Path) -> Path:
 
 
 def write_report(summary: dict, metrics_dir: Path) -> list[Path]:
-    """summary.json / summary.md / growth.csv / quality.csv / growth.png / quality.png in metrics_dir."""
+    """summary.json (with names: a plain out) / per_task.json (numbers: the DVC metrics) / summary.md /
+    growth.csv / quality.csv / growth.png / quality.png in metrics_dir."""
     metrics_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(metrics_dir / "summary.json", summary)
+    atomic_write_json(metrics_dir / "per_task.json", per_task_metrics(summary))
     atomic_write_text(metrics_dir / "summary.md", to_markdown(summary))
     rows = [{"task": i, **r} for i, r in enumerate(summary["tasks"], 1)]   # x axis of the DVC plots
     _write_csv(metrics_dir / "growth.csv", rows, ["task", "name", "new_params", "stored_params", "separate_params"])
-    _write_csv(metrics_dir / "quality.csv", rows, ["task", "name", "fid", "kid", "l1", "psnr", "ssim"])
-    return [metrics_dir / n for n in ("summary.json", "summary.md", "growth.csv", "quality.csv")] + _plots(summary, metrics_dir)
+    _write_csv(metrics_dir / "quality.csv", rows, ["task", "name", "fid", "kid", "l1", "psnr", "ssim",
+                                                  "identity_l1", "identity_psnr", "identity_ssim"])
+    return [metrics_dir / n for n in ("summary.json", "per_task.json", "summary.md", "growth.csv", "quality.csv")] \
+        + _plots(summary, metrics_dir)
+
+
+def per_task_metrics(summary: dict) -> dict:
+    """metrics/per_task.json, what `dvc exp show` lists: numbers only, keyed by task (``t1.l1``, ...)."""
+    return {r["name"]: numbers_only({short: r.get(k) for k, short in PER_TASK.items()}) for r in summary["tasks"]}
 
 
 def sample_sheet(summary: dict, translated_dir: Path, out: Path) -> Path:
@@ -333,8 +359,9 @@ def sample_sheet(summary: dict, translated_dir: Path, out: Path) -> Path:
     draw, y = ImageDraw.Draw(sheet), pad
     for r, g in grids:
         sheet.paste(g, (label_w, y))
-        lines = [r["name"], f"{r['dataset']}", f"{r['mode']} {r['direction']}",
-                 f"L1 {_fmt(r.get('l1'))}", "rows: input,", "output, truth"]
+        # The grid has a truth row only where true outputs exist, i.e. where L1 could be computed.
+        rows = ["rows: input,", "output, truth"] if r.get("l1") is not None else ["rows: input,", "output"]
+        lines = [r["name"], f"{r['dataset']}", f"{r['mode']} {r['direction']}", f"L1 = {_fmt(r.get('l1'))}", *rows]
         for i, text in enumerate(lines):
             draw.text((6, y + 4 + 14 * i), text, fill="black")
         y += g.height + pad
@@ -359,9 +386,12 @@ def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Option
     if not params.mlflow.enabled:
         return None
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
-    tracker = tracking.open_run(params.mlflow, rank=0, run_name=f"pipeline:{exp_name}", tags={
-        "kind": "pipeline", "method": summary["method"], "suite": summary["suite"], "git.commit": _git_commit() or "unknown",
-        "dvc.exp_name": exp_name, "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", _git_commit() or ""),
+    commit = _git_commit()
+    # Named after what it is: the DVC experiment, else the commit `dvc repro` ran on.
+    label = os.environ.get("DVC_EXP_NAME") or (commit[:7] if commit else "workspace")
+    tracker = tracking.open_run(params.mlflow, rank=0, run_name=f"pipeline:{label}", tags={
+        "kind": "pipeline", "method": summary["method"], "suite": summary["suite"], "git.commit": commit or "unknown",
+        "dvc.exp_name": exp_name, "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", commit or ""),
         "tasks": ",".join(r["name"] for r in summary["tasks"]),
     })
     try:
@@ -392,6 +422,10 @@ def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Option
                 f"- {k.split('.', 1)[1]}: [#/experiments/{exp_id}/runs/{v}](#/experiments/{exp_id}/runs/{v})"
                 for k, v in links.items())
             tracker.set_tags({"mlflow.note.content": note})
+        if tracker.run_id:
+            from piggyback.publish import publish_model   # the final generator as a registered MLflow model
+
+            publish_model(params, summary, tracker.run_id)
         tracker.end("FINISHED")
     except BaseException:
         tracker.end("FAILED")

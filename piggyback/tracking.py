@@ -8,11 +8,12 @@ of the process-global fluent API, so several trackers may coexist in one process
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 from piggyback.config import MlflowConfig
 
@@ -100,20 +101,29 @@ class Tracker(NullTracker):
         self.client.set_terminated(self.run_id, status)
 
 
+# MLflow 3 opens an experiment without this tag on its GenAI overview (traces, evaluations); with it,
+# on the runs table. The value is the UI's "custom model development" kind.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: Any, name: str) -> str:
-    """Get or create the experiment, its artifacts under <repo root>/mlartifacts (fixed at creation)."""
+    """Get or create the experiment, its artifacts under <repo root>/mlartifacts (fixed at creation), of the
+    model-training kind (also set on older experiments that have no kind)."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=(repo_root() / "mlartifacts").as_uri())
-    except MlflowException:  # another process created it between our lookup and create
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=(repo_root() / "mlartifacts").as_uri(),
+                                            tags=EXPERIMENT_KIND)
+        except MlflowException:  # another process created it between our lookup and create
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in exp.tags:   # a kind the user chose is kept
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def open_run(
@@ -151,3 +161,33 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def log_evaluation(cfg: MlflowConfig, task: str, train_run_id: str | None, metrics: dict[str, Any],
+                   artifacts: Iterable[Path] = ()) -> str:
+    """Log `metrics` into a new ``evaluate:<task>`` run (numbers as metrics, text as ``eval.*`` tags, grids
+    as artifacts), nested under and tagged with the task's training run, which stays closed: reopening it
+    stretched its duration and left it RUNNING when evaluation was killed. Returns a one-line note."""
+    if not cfg.enabled:
+        return "MLflow disabled (mlflow.enabled: false): not logged"
+    numbers = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    tags = {**default_tags(task), "kind": "evaluate",
+            **{f"eval.{k}": v for k, v in metrics.items() if isinstance(v, (str, bool))}}
+    if train_run_id:
+        tags.update({"train_run_id": train_run_id, "mlflow.parentRunId": train_run_id})
+    try:
+        tracker = open_run(cfg, rank=0, run_name=f"evaluate:{task}", tags=tags)
+    except Exception as e:  # noqa: BLE001 - the JSON file is the record; a tracking failure is only a warning
+        return f"MLflow: could not start the evaluate:{task} run ({type(e).__name__}: {e}): not logged"
+    status = "FAILED"
+    try:
+        tracker.log_metrics(numbers)
+        for path in artifacts:
+            tracker.log_artifact(path, "evaluation")
+        status = "FINISHED"
+    except Exception as e:  # noqa: BLE001
+        return f"MLflow: logging into run {tracker.run_id} failed ({type(e).__name__}: {e})"
+    finally:
+        tracker.end(status)
+    return f"logged {len(numbers)} metrics into MLflow run evaluate:{task} ({tracker.run_id})"

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from piggyback.audit import audit_checkpoint
 from piggyback.checkpoint import CheckpointError
-from piggyback.config import ConfigError, load_params
-from piggyback.fsutil import atomic_write_json
+from piggyback.config import ConfigError, dataset_data, load_params
+from piggyback.metricsfile import info_path, write_metrics
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         final = args.models / order[-1]
         if not (final / "meta.json").is_file():
             sys.exit(f"audit: {final} not found: run `dvc repro train@{order[-1]}` first")
-        result = audit_checkpoint(final, args.models, args.data, params.data.crop_size, args.metrics,
+        sizes = defaultdict(lambda: params.data.crop_size,   # each task's test size (its dataset's crop_size)
+                            {t: dataset_data(params, params.tasks[t].dataset).crop_size for t in order})
+        result = audit_checkpoint(final, args.models, args.data, sizes, args.metrics,
                                   params.eval.batch_size, params.eval.num_test)
     except CheckpointError as e:
         sys.exit(f"audit: the final checkpoint cannot be trusted: {e}")
@@ -46,10 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         sys.exit(f"audit: {final} does not hold task(s) {missing} listed in params.yaml: "
                  f"run `dvc repro train@{order[-1]}`")
-    out = args.metrics / "forgetting.json"
-    atomic_write_json(out, report)     # written before failing: it shows which task and layer
+    out = write_metrics(args.metrics, "forgetting.json", report)   # before failing: the sidecar names the layer
     if result.failures:
-        sys.exit("audit: " + "\n       ".join(result.failures) + f"\n(details in {out})")
+        sys.exit("audit: " + "\n       ".join(result.failures) + f"\n(details in {info_path(args.metrics, 'forgetting.json')})")
     rows = [f"{n} {'exact' if t['exact'] else 'unverified' if t['exact'] is None else 'drifted'}"
             f" (max |diff| {t['max_abs_diff'] if t['max_abs_diff'] is not None else 'n/a'})"
             for n, t in report["tasks"].items()]

@@ -1,4 +1,4 @@
-"""Stage download@<dataset>: fetch or generate one dataset into data/raw/<dataset>/ (DESIGN 3).
+"""Stage download@<dataset>: fetch or generate one dataset into data/raw/<dataset>/.
 
     python -m stages.download <dataset_key> [--params params.yaml]
 

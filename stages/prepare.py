@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from piggyback.config import ConfigError, load_params
-from piggyback.data.prepare import prepare_dataset
+from piggyback.data.prepare import list_images, prepare_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,9 +28,14 @@ def main(argv: list[str] | None = None) -> None:
         params = load_params(args.params)
         if args.dataset not in params.datasets:
             raise ConfigError(f"datasets.{args.dataset}: no such dataset in {args.params}")
-        manifest = prepare_dataset(Path(args.raw_root) / args.dataset, Path(args.prepared_root) / args.dataset,
-                                   dataset=args.dataset, bad_images=params.data.bad_images,
-                                   resize=params.datasets[args.dataset].resize)
+        ds = params.datasets[args.dataset]
+        raw = Path(args.raw_root) / args.dataset
+        n = len(list_images(raw)) if raw.is_dir() else 0
+        print(f"prepare@{args.dataset}: checking and converting {n} images of "
+              f"{ds.path if ds.source == 'folder' else raw} (seconds per thousand) ...", flush=True)
+        manifest = prepare_dataset(raw, Path(args.prepared_root) / args.dataset,
+                                   dataset=args.dataset, bad_images=params.data.bad_images, resize=ds.resize,
+                                   origin=ds.path if ds.source == "folder" else None)
     except (OSError, ValueError) as e:  # layout errors, bad images under "stop", empty splits
         sys.exit(f"prepare@{args.dataset}: {e}")
     for bad in manifest["bad_files"]:

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     params = load_params(args.params)
+    print(f"report: one table of {len(params.tasks)} task(s) from metrics/ and models/, plots, and the MLflow "
+          f"pipeline run (seconds) ...", flush=True)
     summary = build_summary(params, args.metrics, args.models)
     summary["comparison"] = compare_methods(summary, params)   # other methods' newest runs on this suite
     files = write_report(summary, args.metrics)

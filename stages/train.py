@@ -25,8 +25,9 @@ from pathlib import Path
 from piggyback import distributed as D
 from piggyback import probes, snapshot
 from piggyback.checkpoint import CheckpointError, check_compatible, load_lifelong, load_probes, read_meta
-from piggyback.config import ConfigError, as_dict, load_params, task_recipe
-from piggyback.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from piggyback.config import ConfigError, as_dict, dataset_data, load_params, task_recipe
+from piggyback.fsutil import atomic_write_text, sha256_file
+from piggyback.metricsfile import write_metrics
 from piggyback.tracking import NullTracker, default_tags, flatten, open_run
 
 
@@ -56,7 +57,8 @@ def _check_inputs(params, task: str, models: Path, data: Path) -> tuple[Path, Pa
 def _tracked_params(params, task: str, world: int) -> dict:
     recipe = as_dict(task_recipe(params, task))
     recipe.pop("task")
-    data = {k: getattr(params.data, k) for k in ("load_size", "crop_size", "flip", "num_workers")}
+    sizes = dataset_data(params, params.tasks[task].dataset)
+    data = {k: getattr(sizes, k) for k in ("load_size", "crop_size", "flip", "num_workers")}
     return {**recipe, "prev": params.tasks[task].prev, "world_size": world,
             "global_batch_size": params.train.batch_size * world,
             **flatten({"train": as_dict(params.train), "model": as_dict(params.model), "data": data,
@@ -65,8 +67,8 @@ def _tracked_params(params, task: str, world: int) -> dict:
 
 def _write_metrics(metrics: Path, task: str, summary: dict) -> tuple[Path, Path]:
     history = summary.pop("history")
-    json_path, csv_path = metrics / "train" / f"{task}.json", metrics / "train" / f"{task}.csv"
-    atomic_write_json(json_path, summary)
+    json_path = write_metrics(metrics, f"train/{task}.json", summary)   # text in metrics/info/train/
+    csv_path = metrics / "train" / f"{task}.csv"
     cols = ["epoch", "step"] + sorted({k for r in history for k in r} - {"epoch", "step", "lr", "images_per_s"}) \
         + ["lr", "images_per_s"]
     buf = io.StringIO()
@@ -127,15 +129,16 @@ def _setup(args, task: str, models: Path, world: int) -> dict:
     from piggyback.training import task_seed
 
     seed = task_seed(params, len(model.tasks))
-    train_set = make_train_dataset(data_dir, recipe.mode, recipe.direction, params.data, seed)
+    sizes = dataset_data(params, recipe.dataset)   # data.* with the dataset's own load_size / crop_size
+    train_set = make_train_dataset(data_dir, recipe.mode, recipe.direction, sizes, seed)
     loader, sampler = build_loader(train_set, params.train.batch_size, params.data.num_workers, seed=seed)
-    inputs = probes.probe_inputs(data_dir, recipe.mode, recipe.direction, params.data.crop_size,
+    inputs = probes.probe_inputs(data_dir, recipe.mode, recipe.direction, sizes.crop_size,
                                  params.train.probe_images)
 
     # A snapshot of exactly these settings resumes the run; any other is stale and ignored.
     manifest = data_dir / "manifest.json"
     fp = snapshot.fingerprint({
-        "params": {k: as_dict(getattr(params, k)) for k in ("base", "model", "train", "data")},
+        "params": {k: as_dict(getattr(params, k)) for k in ("base", "model", "train", "data")}, "sizes": as_dict(sizes),
         "task": as_dict(params.tasks[task]), "prev": read_meta(prev_dir)["files"], "world_size": world,
         "data": sha256_file(manifest) if manifest.is_file() else None})
     snap_dir = snapshot.snapshot_dir(models, task)

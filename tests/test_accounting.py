@@ -1,4 +1,4 @@
-"""Parameter growth (DESIGN.md 2.2): analytic table, counts measured on built networks, `piggyback growth`."""
+"""Parameter growth (docs/method.md): analytic table, counts measured on built networks, `piggyback growth`."""
 import json
 
 import pytest
@@ -10,10 +10,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 RESNET9 = {"new": [11_378_179, 3_813_881, 4_055_035, 4_296_189], "stored": 23_543_284, "pct": 51.73}
 # unet_256 (batch norm, last layer lambda 1.0). Our convs follow junyanz's bias rule (no bias before a
-# BatchNorm); DESIGN.md 2.2's row counts a bias on every conv, as the public Piggyback code creates one:
+# BatchNorm); the published row (docs/method.md, "Parameter growth") counts a bias on every conv, as the public Piggyback code creates one:
 # 5,504 more per task (the 15 bias-free convs' out channels). Both are reproduced.
 UNET256 = {"new": [54_404_099, 15_504_131, 15_978_755, 16_453_379], "pct": 47.03}
-UNET256_DESIGN = {"new": [54_409_603, 15_509_635, 15_984_259, 16_458_883], "pct": 47.03}
+UNET256_PUBLISHED = {"new": [54_409_603, 15_509_635, 15_984_259, 16_458_883], "pct": 47.03}
 
 
 def test_analytic_growth_resnet9_matches_design():
@@ -32,8 +32,8 @@ def test_analytic_growth_unet256_with_last_layer_lambda_one():
     assert rows[0]["new_params"] + rows[0]["new_norm_params"] == 54_413_955       # junyanz's count
     assert rows[-1]["stored_norm_params"] == 4 * 9_856
     design = growth_table("unet_256", 64, tasks=4, lam=0.25, lam_overrides={"last": 1.0}, bias_everywhere=True)
-    assert [r["new_params"] for r in design] == UNET256_DESIGN["new"]
-    assert design[-1]["stored_pct"] == UNET256_DESIGN["pct"] and round(design[-1]["stored_pct"], 1) == 47.0
+    assert [r["new_params"] for r in design] == UNET256_PUBLISHED["new"]
+    assert design[-1]["stored_pct"] == UNET256_PUBLISHED["pct"] and round(design[-1]["stored_pct"], 1) == 47.0
 
 
 @pytest.mark.parametrize("netG, overrides, expected", [

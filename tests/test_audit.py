@@ -18,7 +18,7 @@ from PIL import Image
 from piggyback import load_lifelong, save_lifelong
 from piggyback.checkpoint import GENERATORS, load_probes
 from piggyback.cli import main as cli
-from piggyback.evaluation import translate_folder
+from piggyback.translate import translate_folder
 from stages import audit as audit_stage
 from test_evaluation import SIZE, make_chain, make_data, write_params
 
@@ -56,7 +56,7 @@ def _tamper_bank(ws: Path, layer: str = "model.1", slot_row: int = 0) -> None:
 def test_clean_chain_is_exact(chain, tmp_path, capsys):
     ws = _workspace(chain, tmp_path)
     _run_audit(ws, chain)
-    report = json.loads((ws / "metrics" / "forgetting.json").read_text())
+    report = json.loads((ws / "metrics" / "info" / "forgetting.json").read_text())
     assert report["all_exact"] is True and report["method"] == "piggyback"
     assert list(report["tasks"]) == ["t1", "t2", "t3"]
     for name, row in report["tasks"].items():
@@ -72,7 +72,7 @@ def test_one_changed_bank_value_fails_naming_task_and_layer(chain, tmp_path):
         _run_audit(ws, chain)
     msg = str(exc.value.code)
     assert "task 't1' was altered" in msg and "G_A.model.1" in msg, msg
-    report = json.loads((ws / "metrics" / "forgetting.json").read_text())   # written before failing
+    report = json.loads((ws / "metrics" / "info" / "forgetting.json").read_text())   # written before failing
     t1 = report["tasks"]["t1"]
     assert t1["exact"] is False and t1["max_abs_diff"] > 0
     assert t1["generators"]["G_A"]["altered_layer"] == "G_A.model.1"

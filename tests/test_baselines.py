@@ -84,7 +84,7 @@ def test_finetune_stores_one_generator_and_forgets(runs):
     checks = check_probes(model, load_probes(ws / "models" / "t3"))
     assert checks["t1"] == {"G_A": False} and checks["t3"] == {"G_A": True}      # t1's probe no longer matches
     assert model.task("t1")["overwritten_by"] == {"G_A": "t3"}
-    forgetting = json.loads((ws / "metrics" / "forgetting.json").read_text())  # the audit passed, recording drift
+    forgetting = json.loads((ws / "metrics" / "info" / "forgetting.json").read_text())  # the audit passed, recording drift
     t1 = forgetting["tasks"]["t1"]
     assert t1["exact"] is False and t1["max_abs_diff"] > 0
     assert t1["generators"]["G_A"]["overwritten_by"] == "t3"
@@ -101,7 +101,7 @@ def test_piggyback_matches_every_probe_and_the_accounting(runs):
     assert [r["stored_params"] for r in model.tasks] == \
         [g_a[0]["stored_params"], g_a[1]["stored_params"] + g_b[0]["stored_params"],
          g_a[2]["stored_params"] + g_b[0]["stored_params"]]
-    forgetting = json.loads((runs["piggyback"] / "metrics" / "forgetting.json").read_text())
+    forgetting = json.loads((runs["piggyback"] / "metrics" / "info" / "forgetting.json").read_text())
     assert forgetting["all_exact"] is True
 
 

@@ -81,3 +81,20 @@ def test_task_recipe_applies_overrides():
     assert task_recipe(p, "t1").lam == p.model.lam
     with pytest.raises(ConfigError, match="tasks.t9"):
         task_recipe(p, "t9")
+
+
+@pytest.mark.parametrize("params", [ROOT / "params.yaml", *sorted((ROOT / "suites").glob("*.yaml"))], ids=lambda s: s.stem)
+def test_every_lam_override_is_settable_with_dvc_set_param(params, tmp_path):
+    """`dvc exp run -S model.lam_overrides.<group>=<value>` needs the key in the file (Hydra refuses new keys
+    without '+'): every layer group is there, null means model.lam, and the default is the output layer at 1.0."""
+    from dvc.utils.hydra import apply_overrides
+
+    from piggyback.config import LAYER_GROUPS
+
+    assert list(yaml.safe_load(params.read_text())["model"]["lam_overrides"]) == list(LAYER_GROUPS)
+    assert load_params(params).model.lam_overrides == {"last": 1.0}
+    copy = tmp_path / "params.yaml"
+    copy.write_text(params.read_text())
+    apply_overrides(str(copy), ["model.lam_overrides.last=null", "model.lam_overrides.blocks=0.5",
+                                "+model.lam_overrides.model.4=0.75"])
+    assert load_params(copy).model.lam_overrides == {"blocks": 0.5, "model.4": 0.75}  # dotted name re-joined

@@ -67,9 +67,9 @@ def test_unpaired_truth_and_independent_domains(tmp_path, kind):
 
 
 def test_scene_depends_only_on_its_index():
-    A1, B1 = render_pair("edges", 0, "train", 7, 32)
-    A2, B2 = render_pair("edges", 0, "train", 7, 32)
-    assert (A1 == A2).all() and (B1 == B2).all()
+    A_1, B_1 = render_pair("edges", 0, "train", 7, 32)
+    A_2, B_2 = render_pair("edges", 0, "train", 7, 32)
+    assert (A_1 == A_2).all() and (B_1 == B_2).all()
     assert not (A1 == render_pair("edges", 0, "test", 7, 32)[0]).all()
 
 

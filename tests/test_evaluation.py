@@ -17,6 +17,7 @@ from PIL import Image
 
 from piggyback import GeneratorConfig, LifelongModel, save_lifelong
 from piggyback import evaluation as ev
+from piggyback import scoring, translate
 from piggyback.data.embedded import generate
 from piggyback.data.prepare import prepare_dataset
 from piggyback.fsutil import sha256_file
@@ -104,7 +105,7 @@ def run_stage(root: Path, tmp: Path, task: str, params: Path) -> dict:
 
     main([task, "--params", str(params), "--models", str(root / "models"), "--data", str(root / "prepared"),
           "--metrics", str(tmp / "metrics"), "--out", str(tmp / "translated"), "--fid-cache", str(tmp / "fid_cache")])
-    return json.loads((tmp / "metrics" / "tasks" / f"{task}.json").read_text())
+    return json.loads((tmp / "metrics" / "info" / "tasks" / f"{task}.json").read_text())
 
 
 def test_offline_without_weights_records_fid_unavailable(chain, tmp_path, offline):
@@ -112,7 +113,7 @@ def test_offline_without_weights_records_fid_unavailable(chain, tmp_path, offlin
     assert offline, "the download route was not tried"
     assert m["fid"] is None and m["kid"] is None and m["kid_std"] is None
     assert "no FID Inception weights" in m["fid_reason"] and "network disabled in tests" in m["fid_reason"]
-    assert m["inception_sha256"] is None and not any(k.endswith(ev.NONOFFICIAL) for k in m)
+    assert m["inception_sha256"] is None and not any(k.endswith(scoring.NONOFFICIAL) for k in m)
     # Ground truth (paired task): finite metrics, same numbers as scoring the saved translations' source.
     assert {m["task"], m["dataset"], m["mode"], m["direction"], m["n_test"]} == {"t1", "emb_edges", "pix2pix", "AtoB", 4}
     assert all(isinstance(m[k], float) for k in ("l1", "psnr", "ssim")) and m["gt_reason"] is None
@@ -139,7 +140,7 @@ def test_translations_are_the_generator_outputs(chain, tmp_path, offline):
         y = load_lifelong(chain / "models" / "t3").generator("t3")(x)
     saved = np.stack([np.array(Image.open(tmp_path / "translated" / "t3" / "fake_B" / f"{ts[i]['name']}.png"))
                       for i in range(len(ts))])
-    assert np.abs(saved.astype(int) - ev.to_uint8(y).astype(int)).max() <= 1
+    assert np.abs(saved.astype(int) - translate.to_uint8(y).astype(int)).max() <= 1
 
 
 def test_require_fid_fails_with_the_reason_before_any_work(chain, tmp_path, offline):
@@ -159,8 +160,8 @@ def test_standin_weights_are_never_reported_as_fid(chain, tmp_path, offline, sta
     for p in ("", "reverse_"):
         assert m[f"{p}fid"] is None and m[f"{p}kid"] is None and m[f"{p}kid_std"] is None
         assert "not pytorch-fid's FID Inception" in m[f"{p}fid_reason"]
-        assert np.isfinite(m[f"{p}fid{ev.NONOFFICIAL}"]) and m[f"{p}fid{ev.NONOFFICIAL}"] > 0
-        assert np.isfinite(m[f"{p}kid{ev.NONOFFICIAL}"]) and m[f"{p}kid_std{ev.NONOFFICIAL}"] >= 0
+        assert np.isfinite(m[f"{p}fid{scoring.NONOFFICIAL}"]) and m[f"{p}fid{scoring.NONOFFICIAL}"] > 0
+        assert np.isfinite(m[f"{p}kid{scoring.NONOFFICIAL}"]) and m[f"{p}kid_std{scoring.NONOFFICIAL}"] >= 0
         assert m[f"{p}kid_subset_size"] == 4 and m[f"{p}kid_subsets"] == 5  # lowered to the small test set
         assert all(isinstance(m[f"{p}{k}"], float) for k in ("l1", "psnr", "ssim"))  # embedded truth
     assert m["inception_sha256"] == sha256_file(standin_weights) and m["inception_official"] is False
@@ -177,20 +178,20 @@ def test_standin_weights_are_never_reported_as_fid(chain, tmp_path, offline, sta
 
 def test_official_weights_give_fid_and_cached_reference(chain, tmp_path, standin_weights, monkeypatch):
     """Official weights (hash check stubbed): values go under fid / kid, and the second run reads the cache."""
-    monkeypatch.setattr(ev.fidlib, "is_official_sha256", lambda sha: True)
-    fm = ev.load_fid_model(str(standin_weights))
+    monkeypatch.setattr(scoring.fidlib, "is_official_sha256", lambda sha: True)
+    fm = scoring.load_fid_model(str(standin_weights))
     assert fm.official and fm.reason is None
     from piggyback.config import load_params
 
     params = load_params(write_params(tmp_path / "params.yaml"))
     calls = []
-    real_extract = ev.fidlib.extract_features
-    monkeypatch.setattr(ev.fidlib, "extract_features", lambda files, *a, **k: calls.append(len(files)) or real_extract(files, *a, **k))
+    real_extract = scoring.fidlib.extract_features
+    monkeypatch.setattr(scoring.fidlib, "extract_features", lambda files, *a, **k: calls.append(len(files)) or real_extract(files, *a, **k))
     runs = [ev.evaluate_task(params, "t1", chain / "models" / "t1", chain / "prepared" / "emb_edges", tmp_path / f"o{i}",
                              tmp_path / "cache", device="cpu", progress=False, fid_model=fm).metrics for i in range(2)]
     assert calls == [4, 4, 4]  # reals + fakes, then fakes only
     assert runs[0]["fid"] == runs[1]["fid"] and runs[0]["fid"] > 0 and runs[0]["fid_reason"] is None
-    assert runs[0]["kid"] == runs[1]["kid"] and not any(k.endswith(ev.NONOFFICIAL) for k in runs[0])
+    assert runs[0]["kid"] == runs[1]["kid"] and not any(k.endswith(scoring.NONOFFICIAL) for k in runs[0])
 
 
 def test_unpaired_without_truth_reports_gt_reason(chain, tmp_path, offline):
@@ -219,13 +220,13 @@ def test_missing_inputs_name_the_stage_to_run(chain, tmp_path, offline):
         main(["t1", "--params", str(params), "--models", str(chain / "models"), "--data", str(tmp_path / "nodata")])
 
 
-def test_metrics_logged_into_the_task_training_run(chain, tmp_path, offline, monkeypatch):
+def test_metrics_logged_into_an_evaluate_run_linked_to_the_training_run(chain, tmp_path, offline, monkeypatch):
     from piggyback.config import MlflowConfig
     from piggyback.tracking import open_run, tracking_uri
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="unit")
-    run = open_run(cfg, 0, "train@t1")
+    run = open_run(cfg, 0, "train:t1")
     run.end()
     root = tmp_path / "root"
     make_chain(root / "models", chain / "prepared", tasks={"t1": TASKS["t1"]}, run_ids={"t1": run.run_id})
@@ -234,14 +235,21 @@ def test_metrics_logged_into_the_task_training_run(chain, tmp_path, offline, mon
     raw = yaml.safe_load(params.read_text())
     raw["mlflow"] = {"enabled": True, "tracking_uri": cfg.tracking_uri, "experiment": "unit"}
     params.write_text(yaml.safe_dump(raw))
-    m = run_stage(root, tmp_path, "t1", params)
-
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
-    logged = client.get_run(run.run_id)
-    assert logged.info.status == "FINISHED"
-    assert {k: logged.data.metrics[k] for k in ("l1", "psnr", "ssim", "n_test")} == \
-        {k: float(m[k]) for k in ("l1", "psnr", "ssim", "n_test")}
-    assert "fid" not in logged.data.metrics and logged.data.tags["eval.fid_reason"] == m["fid_reason"]
-    assert [a.path for a in client.list_artifacts(run.run_id, "evaluation")] == ["evaluation/grid.png"]
+    train_end = client.get_run(run.run_id).info.end_time
+    m = run_stage(root, tmp_path, "t1", params)
+
+    trained = client.get_run(run.run_id)
+    assert trained.info.status == "FINISHED" and trained.info.end_time == train_end   # not reopened
+    assert "l1" not in trained.data.metrics
+    exp = client.get_experiment_by_name("unit")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"   # the UI opens on the runs
+    (ev,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'evaluate'")
+    assert ev.info.run_name == "evaluate:t1" and ev.info.status == "FINISHED"
+    assert ev.data.tags["train_run_id"] == run.run_id and ev.data.tags["mlflow.parentRunId"] == run.run_id
+    assert {k: ev.data.metrics[k] for k in ("l1", "psnr", "ssim", "n_test", "identity_l1")} == \
+        {k: float(m[k]) for k in ("l1", "psnr", "ssim", "n_test", "identity_l1")}
+    assert "fid" not in ev.data.metrics and ev.data.tags["eval.fid_reason"] == m["fid_reason"]
+    assert [a.path for a in client.list_artifacts(ev.info.run_id, "evaluation")] == ["evaluation/grid.png"]

@@ -1,4 +1,4 @@
-"""Piggyback layers and per-task BatchNorm (DESIGN.md 2.1; bugs B1 and B3 of reference/piggyback.md)."""
+"""Piggyback layers and per-task BatchNorm (docs/method.md, with two of its named fixes)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ def test_composed_weight_is_the_design_einsum(transposed):
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_piggyback_filters_lie_in_the_span_of_the_bank(transposed):
-    """Bug B1: the public code's raw reshape gives filters outside span(bank); the einsum does not."""
+    """Piggyback filters in the span of the bank (docs/method.md): the public code's raw reshape gives filters outside span(bank); the einsum does not."""
     torch.manual_seed(0)
     layer = _grow(_layer(transposed, cin=6, cout=12, k=3), [None, 0.25, 0.25])
     dim = 1 if transposed else 0
@@ -87,7 +87,7 @@ def test_piggyback_filters_lie_in_the_span_of_the_bank(transposed):
     coef = torch.linalg.lstsq(bank.T, pb.T).solution                                      # (N, p)
     residual = (bank.T @ coef - pb.T).norm() / pb.norm()
     assert residual < 1e-6                      # float32 rounding only
-    # The public code's construction (reference/piggyback.md 2.1) for contrast: far from the span.
+    # The public code's construction for contrast: far from the span.
     raw = (layer.filter_bank.narrow(dim, 0, n_bank).reshape(-1, n_bank) @ layer.task_state(t)["mix"]).double()
     raw = as_rows(raw.reshape(*( (6, -1) if transposed else (-1, 6)), 3, 3)).reshape(-1, bank.shape[1])
     coef = torch.linalg.lstsq(bank.T, raw.T).solution
@@ -222,7 +222,7 @@ def test_both_forward_orders_compute_the_same_map_and_gradients(transposed, orde
         got[name] = [y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
     for a, b in zip(got["compose"], got["mix_outputs"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    weight, bias = layer.task_weight_bias(3)
+    weight, bias = layer.task_weight(3), layer.task_state(3).get("bias")
     conv = F.conv_transpose2d if transposed else F.conv2d
     torch.testing.assert_close(got["mix_outputs"][0], conv(x, weight, bias, 2, 1).detach(), rtol=1e-5, atol=1e-6)
 
@@ -231,8 +231,8 @@ def test_both_forward_orders_compute_the_same_map_and_gradients(transposed, orde
 def test_auto_order_mixes_outputs_only_where_the_map_is_small(transposed):
     layer = _grow(_layer(transposed, cin=256, cout=256, k=4, stride=2, padding=1), [None, 0.25, 0.25])
     n_bank, p = layer.mix_weights.shape
-    assert layer._mix_outputs_is_cheaper(torch.empty(1, 256, 2, 2), n_bank, p)        # U-Net bottleneck
-    assert not layer._mix_outputs_is_cheaper(torch.empty(1, 256, 128, 128), n_bank, p)  # outer layer
+    assert layer.order_for(torch.empty(1, 256, 2, 2), n_bank, p) == "mix_outputs"    # U-Net bottleneck
+    assert layer.order_for(torch.empty(1, 256, 128, 128), n_bank, p) == "compose"  # outer layer
 
 
 @pytest.mark.parametrize("transposed", [False, True])

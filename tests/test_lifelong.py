@@ -162,8 +162,8 @@ def test_reuse_composed_weights_composes_once_with_the_same_gradients(monkeypatc
     net = model.generators["G_A"]
     x = torch.randn(2, 3, 32, 32)
     calls = []
-    original = PiggybackConv2d.task_weight_bias
-    monkeypatch.setattr(PiggybackConv2d, "task_weight_bias", lambda self, t: calls.append(t) or original(self, t))
+    original = PiggybackConv2d.task_weight
+    monkeypatch.setattr(PiggybackConv2d, "task_weight", lambda self, t: calls.append(t) or original(self, t))
 
     def three_calls_then_backward():
         net.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Generators and discriminators: junyanz layout and parameter counts (reference/reference.md 1.2-1.6)."""
+"""Generators and discriminators: junyanz layout and parameter counts (junyanz's)."""
 import pytest
 import torch
 from torch import nn
@@ -6,7 +6,7 @@ from torch import nn
 from piggyback import GeneratorConfig, build_discriminator, build_generator, lifelong
 from piggyback.accounting import measure
 from piggyback.layers import PIGGYBACK_LAYERS
-from piggyback.networks import ResnetBlock, piggyback_layer_names
+from piggyback.networks import ResnetBlock, layer_groups, piggyback_layer_names, resolve_layer_lams
 from piggyback.norms import TaskBatchNorm2d
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -25,7 +25,7 @@ def _trainable(net):
 @pytest.mark.parametrize("netG, norm, conv_params, norm_params", [
     ("resnet_9blocks", "instance", 11_378_179, 0),
     ("resnet_6blocks", "instance", 7_837_699, 0),
-    ("unet_256", "batch", 54_404_099, 9_856),   # 54,413,955 with BatchNorm affine (junyanz, reference.md 1.6)
+    ("unet_256", "batch", 54_404_099, 9_856),   # 54,413,955 with BatchNorm affine (junyanz)
     ("unet_128", "batch", 41_821_187, 7_808),   # 41,828,995
 ])
 def test_task1_parameter_counts_equal_the_reference(netG, norm, conv_params, norm_params):
@@ -75,7 +75,7 @@ def test_generator_init_is_normal_002():
 
 
 def test_resnet_keeps_its_skips_and_junyanz_names():
-    """Bug B2: the public code flattened ResnetBlocks into a plain CNN. Zero conv weights -> identity block."""
+    """Skips kept (docs/method.md): the public code flattened ResnetBlocks into a plain CNN. Zero conv weights -> identity block."""
     net = _task1(GeneratorConfig(netG="resnet_6blocks", ngf=4))
     names = piggyback_layer_names(net)
     assert names[0] == "model.1" and names[-1] == "model.23" and "model.10.conv_block.5" in names
@@ -103,14 +103,29 @@ def test_unet_structure_bias_rule_and_dropout():
     assert all(m.has_bias for m in inst.modules() if isinstance(m, PIGGYBACK_LAYERS))
 
 
-def test_lambda_overrides_apply_by_alias_and_name():
+def test_lambda_overrides_apply_by_group_and_name():
     cfg = GeneratorConfig(netG="unet_256", ngf=2, lam=0.5, lam_overrides={"last": 1.0, "model.model.0": 0.75})
     net = build_generator(cfg)
-    layers = dict(net.named_modules())
-    assert layers["model.model.3"].lam == 1.0 and layers["model.model.0"].lam == 0.75
-    assert layers["model.model.1.model.1"].lam == 0.5
-    lams = lifelong.layer_lams(net, lam=0.25)   # a task's own lambda does not beat a per-layer override
+    lams = resolve_layer_lams(cfg, net)
+    assert lams["model.model.3"] == 1.0 and lams["model.model.0"] == 0.75
+    assert lams["model.model.1.model.1"] == 0.5
+    lams = resolve_layer_lams(cfg, net, task_lam=0.25)   # a task's own lambda does not beat a per-layer override
     assert lams["model.model.3"] == 1.0 and lams["model.model.1.model.1"] == 0.25
+    # Groups: an exact name beats its group; every layer of a group takes the group's value.
+    cfg = GeneratorConfig(netG="resnet_6blocks", ngf=2, lam_overrides={"blocks": 0.5, "model.10.conv_block.1": 0.75,
+                                                                        "up": 1.0, "first": None})
+    net = build_generator(cfg)
+    groups, lams = layer_groups(net), resolve_layer_lams(cfg, net)
+    assert [g for g in groups.values()] == ["first", "down", "down"] + ["blocks"] * 12 + ["up", "up", "last"]
+    assert lams["model.10.conv_block.1"] == 0.75 and lams["model.10.conv_block.5"] == 0.5
+    assert lams["model.16"] == lams["model.19"] == 1.0 and lams["model.1"] == lams["model.23"] == 0.25
+    assert cfg.lam_overrides == {"blocks": 0.5, "model.10.conv_block.1": 0.75, "up": 1.0}  # null: not set
+    unet = layer_groups(build_generator(GeneratorConfig(netG="unet_128", ngf=2)))
+    assert sorted(set(unet.values())) == ["down", "first", "last", "up"]
+    with pytest.raises(ValueError, match="lam_overrides.blocks: unet_128 has no layer in group"):
+        build_generator(GeneratorConfig(netG="unet_128", ngf=2, lam_overrides={"blocks": 0.5}))
+    # A dotted layer name set with `-S +model.lam_overrides.model.26=...` arrives nested.
+    assert GeneratorConfig(lam_overrides={"model": {"26": 1.0}}).lam_overrides == {"model.26": 1.0}
     with pytest.raises(ValueError, match="lam_overrides.model.99"):
         build_generator(GeneratorConfig(netG="resnet_6blocks", lam_overrides={"model.99": 0.5}))
     with pytest.raises(ValueError, match="lam"):

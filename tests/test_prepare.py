@@ -112,6 +112,23 @@ def test_ab_folders_are_combined_with_fixed_split(tmp_path):
     assert all(rec["size"] == [20, 10] for rec in m1["files"].values())
 
 
+def test_corrupt_file_without_partner_is_corrupt_and_named_in_the_users_folder(tmp_path):
+    """A/ B/ layout: a random-bytes A/ file with no B/ partner is reported as not an image (not only as
+    unmatched), under the folder it came from (`origin`: the user's own, not the copy prepare reads)."""
+    raw, mine = tmp_path / "data" / "raw" / "mine", tmp_path / "my_photos"
+    for i in range(4):
+        _img(raw / f"A/{i}.png")
+        _img(raw / f"B/{i}.png", (0, 0, 255))
+    (raw / "A" / "noise.png").write_bytes(np.random.default_rng(0).bytes(300))
+    m = prepare_dataset(raw, tmp_path / "out", origin=mine)
+    (bad,) = m["bad_files"]
+    assert bad["path"] == str(mine / "A" / "noise.png")
+    assert bad["reason"].startswith("not an image") and "no file with the same name in B/" in bad["reason"]
+    assert str(raw) not in bad["reason"]
+    with pytest.raises(BadImagesError, match=f"^{mine}: 1 bad file"):
+        prepare_dataset(raw, tmp_path / "out", bad_images="stop", origin=mine)
+
+
 def test_unknown_layout_is_explained(tmp_path):
     (tmp_path / "photos").mkdir()
     with pytest.raises(LayoutError, match="trainA/ trainB/ testA/ testB/"):

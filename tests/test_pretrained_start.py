@@ -48,7 +48,7 @@ def test_chain_starts_from_the_imported_checkpoint(imported):
 
     audit_stage.main(["--params", str(params), "--models", str(models), "--metrics", str(metrics),
                       "--data", str(data)])
-    assert json.loads((metrics / "forgetting.json").read_text())["all_exact"] is True
+    assert json.loads((metrics / "info" / "forgetting.json").read_text())["all_exact"] is True
     report_stage.main(["--params", str(params), "--models", str(models), "--metrics", str(metrics)])
     rows = json.loads((metrics / "summary.json").read_text())["tasks"]
     assert [(r["name"], r["imported"]) for r in rows] == [("h2z", True), ("t1", False)]

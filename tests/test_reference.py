@@ -1,4 +1,4 @@
-"""Importing junyanz/pytorch-CycleGAN-and-pix2pix generators (reference/reference.md 1.1-1.3) as task 1.
+"""Importing junyanz/pytorch-CycleGAN-and-pix2pix generators as task 1.
 
 The reference networks below are a small plain-PyTorch re-statement of junyanz's ResnetGenerator and
 UnetGenerator module structure, written for this test so that their state-dict keys are exactly
@@ -109,7 +109,7 @@ def _randomise(net, seed):
 # -- tests ----------------------------------------------------------------------------------------------
 def test_reference_networks_have_junyanz_keys_and_counts():
     r9 = RefResnetGenerator(64, 9)
-    assert sum(p.numel() for p in r9.parameters()) == 11_378_179            # reference.md 1.6
+    assert sum(p.numel() for p in r9.parameters()) == 11_378_179            # junyanz's ResnetGenerator, 9 blocks
     keys = set(r9.state_dict())
     assert {"model.1.weight", "model.1.bias", "model.10.conv_block.1.weight", "model.10.conv_block.5.bias",
             "model.19.weight", "model.26.weight"} <= keys

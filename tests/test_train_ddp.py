@@ -58,7 +58,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_replica_check_detects_unsynchronised_gradients(tmp_path):
-    """Calling `.module` (bug B4) leaves replicas apart; the check before saving must catch it."""
+    """Calling `.module` (docs/method.md, "DDP bypass") leaves replicas apart; the check before saving must catch it."""
     script = tmp_path / "b4.py"
     script.write_text(textwrap.dedent("""
         import torch
@@ -91,7 +91,7 @@ _AVERAGE = textwrap.dedent("""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     net = nn.Sequential(TaskBatchNorm2d(3))
-    net[0].add_task(); net[0].add_task()                    # task 1 frozen, task 2 trainable
+    net[0].add_task(); net[0].add_task(0.25)                # task 1 frozen, task 2 trainable
     frozen = {n: b.clone() for n, b in net.named_buffers() if n.endswith("_1")}
     with torch.no_grad():
         net[0].running_mean.fill_(float(rank + 1)); net[0].running_var.fill_(float(10 * (rank + 1)))

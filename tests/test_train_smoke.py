@@ -41,7 +41,7 @@ def test_one_task_outputs_metrics_and_mlflow(tmp_path, monkeypatch):
     assert probes["t1"]["G_A"]["input"].shape == (2, 3, 32, 32)
 
     # DVC metrics and plots.
-    summary = json.loads((metrics / "train" / "t1.json").read_text())
+    summary = json.loads((metrics / "info" / "train" / "t1.json").read_text())   # the full record
     assert summary["steps"] == 3 and summary["epochs"] == 1 and summary["images_per_s"] > 0
     assert summary["mlflow_run_id"] == rec["mlflow_run_id"] and summary["params"]["new_params"] > 0
     assert {"G", "D_A", "D_B", "cycle_A", "idt_B"} <= set(summary["final_losses"])
@@ -129,6 +129,26 @@ def test_clear_errors_before_training(tmp_path, case, expected):
     msg = str(exc.value.code)
     assert msg.startswith(f"train@{task}: ") and expected in msg, msg
     assert not (models / ".snapshots").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_per_dataset_crop_size_reaches_the_training_transform(tmp_path):
+    """datasets.<key>.crop_size / load_size override data.* for that dataset's tasks: the batches the
+    training loop draws, the probes and the MLflow params are at the dataset's size."""
+    from argparse import Namespace
+
+    from stages.train import _setup, _tracked_params
+
+    data = make_data(tmp_path, ["daynight"])
+    params = write_params(tmp_path / "params.yaml", CYCLE, datasets={"daynight": {
+        "source": "embedded", "kind": "daynight", "size": 32, "crop_size": 24, "load_size": 28}})
+    run_init(params, tmp_path / "models")
+    setup = _setup(Namespace(params=str(params), data=str(data)), "t1", tmp_path / "models", world=1)
+    setup["loader"].dataset.set_epoch(0)
+    batch = next(iter(setup["loader"]))
+    assert batch["A"].shape[-2:] == (24, 24) and batch["B"].shape[-2:] == (24, 24)   # data.crop_size is 32
+    assert setup["inputs"]["G_A"].shape[-2:] == (24, 24)
+    tracked = _tracked_params(setup["params"], "t1", 1)
+    assert (tracked["data.crop_size"], tracked["data.load_size"]) == (24, 28)
 
 
 def test_init_stage_writes_empty_model(tmp_path):

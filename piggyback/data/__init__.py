@@ -1,6 +1,6 @@
 """Data for every task: dataset registry, download, safe extraction, preparation, embedded suite, loaders.
 
-DESIGN 3 and reference.md 4-5 (junyanz data pipeline). Names are re-exported lazily (PEP 562), so that
+README.md, "Datasets", and junyanz's data pipeline. Names are re-exported lazily (PEP 562), so that
 ``import piggyback.data.download`` does not import torch; see each module for the details.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Safe extraction of the dataset archives (zip for CycleGAN, tar.gz for pix2pix; reference.md 5.1-5.2).
+"""Safe extraction of the dataset archives (zip for CycleGAN, tar.gz for pix2pix).
 
 Python's own `extractall` trusts member names; this module does not. A member is refused when its name is
 absolute or has a `..` component, when it is a symlink, hardlink, device or fifo, or when the archive

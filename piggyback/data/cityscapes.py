@@ -1,6 +1,6 @@
 """Cityscapes photo <-> label pairs from the two user-provided zips (junyanz prepare_cityscapes_dataset.py).
 
-As in the reference (reference.md 5.3): ``gtFine/{train,val}/*/*_color.png`` label maps are paired with
+As junyanz's `datasets/prepare_cityscapes_dataset.py` does: ``gtFine/{train,val}/*/*_color.png`` label maps are paired with
 ``leftImg8bit/{train,val}/*/*_leftImg8bit.png`` photos by name, both resized to 256x256 (bicubic, as the
 reference does, so label colours blend at edges), photo = A on the left, label = B on the right; val
 becomes test (2975 train / 500 test pairs). Members are read straight from the zips (no extraction),

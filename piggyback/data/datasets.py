@@ -1,6 +1,6 @@
 """Loaders over prepared datasets: unaligned (CycleGAN) and aligned (pix2pix), test sets, target images.
 
-Transforms follow junyanz `data/base_dataset.py` (reference.md 4): train = resize to (load_size, load_size)
+Transforms follow junyanz `data/base_dataset.py`: train = resize to (load_size, load_size)
 bicubic, random crop to crop_size, random horizontal flip; test = resize to (crop_size, crop_size) only;
 then scaled to [-1, 1]. Unlike the reference, every random choice (the B partner of an unaligned sample,
 crop offsets, flips) comes from a generator seeded by (seed, epoch, index) rather than the global RNG, so a
@@ -263,6 +263,20 @@ def target_images(prepared_root: str | Path, direction: str = "AtoB", size: int 
         refs = _refs(root / f"test{tgt}")
     for ref in refs[:limit] if limit else refs:
         yield np.array(ref.load().resize((size, size), BICUBIC), dtype=np.uint8)
+
+
+def train_targets(prepared_root: str | Path, direction: str = "AtoB", size: int = 256,
+                  reverse: bool = False) -> Iterator[torch.Tensor]:
+    """The training split's target-domain images as (3, size, size) tensors in [-1, 1], resized as test
+    images are (the do-nothing reference averages them). Paired: right halves of train/; unpaired: train<tgt>/."""
+    root = Path(prepared_root)
+    tgt = _domains(direction, reverse)[1]
+    if dataset_layout(root) == "paired":
+        refs = [ImageRef(r.path, {"A": 0, "B": 1}[tgt]) for r in _refs(root / "train")]
+    else:
+        refs = _refs(root / f"train{tgt}")
+    for ref in refs:
+        yield test_transform(ref.load(), size)
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True, seed: int = 0,

@@ -1,6 +1,6 @@
-"""Fetch a dataset into data/raw/<key>: HTTP download with resume, checksums, safe extraction (DESIGN 3).
+"""Fetch a dataset into data/raw/<key>: HTTP download with resume, checksums, safe extraction.
 
-The Berkeley servers publish no checksums (reference.md 5): the SHA-256 of the first download is recorded
+The Berkeley servers publish no checksums: the SHA-256 of the first download is recorded
 beside the archive (``data/downloads/<file>.sha256``, sha256sum format) and checked whenever the archive is
 used again; a hash pinned in params.yaml (``datasets.<key>.sha256``) is checked too. Downloads stream
 into ``<file>.part`` and resume it with an HTTP Range request, retry with exponential backoff, and fail

@@ -1,4 +1,4 @@
-"""The embedded suite: small image-to-image tasks generated procedurally, offline, in seconds (DESIGN 3).
+"""The embedded suite: small image-to-image tasks generated procedurally, offline, in seconds.
 
 Every kind draws a random scene and renders it twice, as A and as B, where B is a deterministic and local
 function of A (colour remaps, outlines, frames and shadows): a small generator learns it in minutes on a

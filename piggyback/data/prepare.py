@@ -1,6 +1,6 @@
 """Prepare a raw dataset for training: check every image, convert to RGB, fix the splits, write a manifest.
 
-Input layouts (reference.md 4-5): unpaired ``trainA/ trainB/ testA/ testB/`` (CycleGAN archives, user
+Input layouts (junyanz's): unpaired ``trainA/ trainB/ testA/ testB/`` (CycleGAN archives, user
 folders, the embedded suite, which adds ``testA_truth/ testB_truth/``); paired ``train/ test/`` or
 ``train/ val/`` with A|B side by side (pix2pix archives: val is the test split when test/ is missing); or
 ``A/ B/`` with matching file names (flat, or with train/ test/ sub-folders), combined here into A|B.
@@ -199,6 +199,15 @@ def _stems(folder: Path, files: list[Path], bad: list[dict]) -> dict[str, Path]:
     return out
 
 
+def _unmatched_reason(path: Path, other: str) -> str:
+    """Why a file without a partner is left out; a corrupt one is reported as corrupt first."""
+    try:
+        load_checked(path)
+    except BadImage as e:
+        return f"{e} (and no file with the same name in {other}/)"
+    return f"no file with the same name in {other}/"
+
+
 def _plan(raw: Path, layout: str, bad: list[dict]) -> list[_Job]:
     """The jobs that build the prepared folder from `raw`; unmatched or duplicate files go to `bad`."""
     jobs: list[_Job] = []
@@ -219,7 +228,7 @@ def _plan(raw: Path, layout: str, bad: list[dict]) -> list[_Job]:
             a, b = _stems(fa, list_images(fa), bad), _stems(fb, list_images(fb), bad)
             for stem in sorted(set(a) ^ set(b)):
                 side, other = (a, "B") if stem in a else (b, "A")
-                bad.append({"path": str(side[stem]), "reason": f"no file with the same name in {other}/"})
+                bad.append({"path": str(side[stem]), "reason": _unmatched_reason(side[stem], other)})
             common = sorted(set(a) & set(b))
             if not split:  # flat folders: a fixed test split chosen by a hash of the name
                 n_test = max(1, round(TEST_FRACTION * len(common))) if len(common) > 1 else 0
@@ -234,7 +243,8 @@ def _plan(raw: Path, layout: str, bad: list[dict]) -> list[_Job]:
 
 
 def prepare_dataset(raw_root: str | Path, out_root: str | Path, dataset: str = "", bad_images: str = "skip",
-                    resize: Optional[int] = None, workers: Optional[int] = None) -> dict:
+                    resize: Optional[int] = None, workers: Optional[int] = None,
+                    origin: Optional[str | Path] = None) -> dict:
     """Check and convert `raw_root` into `out_root` (atomically, replacing it) and return the manifest.
 
     Args:
@@ -244,6 +254,7 @@ def prepare_dataset(raw_root: str | Path, out_root: str | Path, dataset: str = "
         bad_images: "skip" (report bad files, leave them out) or "stop" (fail, listing every bad file).
         resize: square side for every image (each half of A|B); None keeps the sizes.
         workers: threads for decoding (PIL releases the GIL); default all cores.
+        origin: the folder `raw_root` was copied from (a user's own dataset): bad files are named there.
 
     Raises:
         LayoutError: unknown layout. BadImagesError: bad files under "stop", or a split left empty.
@@ -269,6 +280,9 @@ def prepare_dataset(raw_root: str | Path, out_root: str | Path, dataset: str = "
                 bad.extend(r["bad"])
             else:
                 files[r["rel"]] = {"sha256": r["sha256"], "bytes": r["bytes"], "size": r["size"]}
+        if origin is not None:  # the user's own file, not the copy under data/raw/
+            bad = [{"path": str(Path(origin) / Path(b["path"]).relative_to(raw)),
+                    "reason": b["reason"].replace(str(raw), str(origin))} for b in bad]   # PIL names the file too
         splits = UNPAIRED_SPLITS + tuple(TRUTH_SPLITS) if layout == "unpaired" else PAIRED_SPLITS
         counts = {s: sum(1 for rel in files if rel.split("/", 1)[0] == s) for s in splits}
         truth = layout == "paired" or any(counts.get(t, 0) for t in TRUTH_SPLITS)
@@ -279,11 +293,11 @@ def prepare_dataset(raw_root: str | Path, out_root: str | Path, dataset: str = "
                     (tmp / t).rmdir()
         listing = "\n".join(f"  {b['path']}: {b['reason']}" for b in bad)
         if bad and bad_images == "stop":
-            raise BadImagesError(f"{raw}: {len(bad)} bad file(s) (data.bad_images=stop):\n{listing}")
+            raise BadImagesError(f"{origin or raw}: {len(bad)} bad file(s) (data.bad_images=stop):\n{listing}")
         empty = [s for s in (UNPAIRED_SPLITS if layout == "unpaired" else PAIRED_SPLITS) if counts[s] == 0]
         if empty:
             more = f"; bad files:\n{listing}" if bad else ""
-            raise BadImagesError(f"{raw}: no usable images for split(s) {', '.join(empty)}{more}")
+            raise BadImagesError(f"{origin or raw}: no usable images for split(s) {', '.join(empty)}{more}")
         manifest = {"dataset": dataset, "layout": layout, "source_layout": source_layout, "resize": resize,
                     "counts": counts, "truth": truth, "files": dict(sorted(files.items())), "bad_files": bad}
         atomic_write_json(tmp / "manifest.json", manifest)

@@ -48,7 +48,7 @@ def _pix2pix(name: str, note: str) -> DatasetSpec:
 
 
 # Counts are the training-set sizes quoted by junyanz docs/datasets.md; the archives differ slightly
-# (reference.md 5.1), so nothing below is used as a check, only as documentation.
+# (junyanz's download scripts), so nothing below is used as a check, only as documentation.
 CYCLEGAN_DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
     _cyclegan("maps", "A: aerial photo, B: Google map (1096 train); CycleGAN's photo<->map"),
     _cyclegan("facades", "A: facade photo, B: CMP label map (400 train); label->photo is BtoA"),
