@@ -22,11 +22,11 @@ from torch import nn
 
 from piggyback import lifelong
 from piggyback.layers import PIGGYBACK_LAYERS
-from piggyback.models import adam_options
+from piggyback.models import Precision, adam_options
 from piggyback.networks import GeneratorConfig, build_generator
 from piggyback.norms import TaskBatchNorm2d
 
-from .core import autocast, synchronize
+from .core import synchronize
 
 # junyanz defaults per generator: CycleGAN's ResNets (instance norm), pix2pix's U-Nets (batch norm, dropout).
 ARCH = {
@@ -141,6 +141,11 @@ def adam(params: list[nn.Parameter], impl: str = "fused") -> torch.optim.Optimiz
     return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999), **adam_options(impl))
 
 
+def _precision(device: torch.device) -> Precision:
+    """bf16 autocast on CUDA, float32 on the CPU (bf16 convolutions are slower there): every candidate alike."""
+    return Precision("bf16" if device.type == "cuda" else "none", device)
+
+
 def inputs(case: Case, device: torch.device, channels_last: bool, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed input in [-1, 1] and a fixed target in [-1, 1] of the case's shape."""
     g = torch.Generator().manual_seed(seed)
@@ -161,7 +166,7 @@ def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with autocast(device):
+        with _precision(device).autocast():
             out = net(x)
         loss = F.l1_loss(out.float(), y)
         loss.backward()
@@ -173,7 +178,7 @@ def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
 def infer_fn(net: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], torch.Tensor]:
     def run():
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), _precision(device).autocast():
             return net(x)
 
     return run
@@ -291,7 +296,7 @@ def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: 
     """
     from piggyback.config import CycleGANConfig, Pix2PixConfig
     from piggyback.losses import GANLoss
-    from piggyback.models import Precision, recipe
+    from piggyback.models import recipe
 
     mode = ARCH[case.netG]["recipe"]
     R = recipe(mode)
@@ -299,7 +304,7 @@ def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: 
     nets = _recipe_nets(case, which, device, channels_last, seed)
     opt = {"G": adam([p for k in R.GENERATORS for p in trainable(nets[k])], adam_impl),
            "D": adam([p for k in R.DISCRIMINATORS for p in nets[k].parameters()], adam_impl)}
-    prec = Precision("bf16" if device.type == "cuda" else "none", device)
+    prec = _precision(device)
     gan = GANLoss(mcfg.gan_mode).to(device)
     pools = R.make_pools(mcfg, seed)
     real_A, real_B = inputs(case, device, channels_last, seed=seed + 1)
