@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
+# Params are validated first: `dvc repro` deletes a stage's outputs before the stage can refuse a bad value.
 repro: setup
+	$(PY) -m piggyback.cli check-params params.yaml
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: setup

@@ -85,8 +85,14 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _load_file(ckpt_dir: Path, name: str, meta: dict, map_location: Any) -> Any:
-    """torch.load one file after checking its sha256 against meta.json."""
+def verify_files(ckpt_dir: str | Path) -> list[Path]:
+    """Check every file meta.json lists against its sha256 (without loading); CheckpointError names the file."""
+    meta = read_meta(ckpt_dir)
+    return [_check_file(Path(ckpt_dir), name, meta) for name in meta["files"]]
+
+
+def _check_file(ckpt_dir: Path, name: str, meta: dict) -> Path:
+    """The path of a file of the checkpoint, after checking its sha256 against meta.json."""
     path = ckpt_dir / name
     expected = meta["files"].get(name)
     if expected is None:
@@ -97,6 +103,12 @@ def _load_file(ckpt_dir: Path, name: str, meta: dict, map_location: Any) -> Any:
     if actual != expected:
         raise CheckpointError(f"{path}: sha256 {actual[:12]}... does not match meta.json ({expected[:12]}...): "
                               "the file is truncated or was modified")
+    return path
+
+
+def _load_file(ckpt_dir: Path, name: str, meta: dict, map_location: Any) -> Any:
+    """torch.load one file after checking its sha256 against meta.json."""
+    path = _check_file(ckpt_dir, name, meta)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is reported against the file

@@ -4,6 +4,7 @@ Utilities around the pipeline (whose hyperparameters live in params.yaml, not in
     piggyback growth --netG resnet_9blocks --ngf 64 --tasks 4 --lam 0.25 [--last-lam 1.0] [--json]
     piggyback import-reference latest_net_G.pth --netG resnet_9blocks --ngf 64 --out models/pretrained
     piggyback translate --checkpoint models/t3 --task facades --input DIR --output DIR
+    piggyback check-params [params.yaml]
 """
 from __future__ import annotations
 
@@ -88,6 +89,16 @@ def _probes(model) -> dict:
     return record_probes(model, record["name"], inputs)
 
 
+def _check_params(args: argparse.Namespace) -> int:
+    """Validate params.yaml the way every stage will, before DVC deletes any output."""
+    from .config import load_params
+
+    params = load_params(args.path)
+    order = params.task_order()
+    print(f"{args.path}: valid ({len(params.datasets)} datasets; tasks {' -> '.join(order) or 'none'})")
+    return 0
+
+
 def _translate(args: argparse.Namespace) -> int:
     from .translate import translate_folder   # imported only when used
 
@@ -119,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB")
     p.add_argument("--out", required=True, help="new checkpoint folder (must not exist)")
     p.set_defaults(func=_import_reference)
+
+    p = sub.add_parser("check-params", help="validate params.yaml (`make repro` runs it before `dvc repro`)")
+    p.add_argument("path", nargs="?", default="params.yaml")
+    p.set_defaults(func=_check_params)
 
     p = sub.add_parser("translate", help="translate a folder of images with one task of a checkpoint")
     p.add_argument("--checkpoint", required=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -81,6 +83,32 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def gather_to_rank0(local: Any) -> Optional[list]:
+    """Every rank's `local` as a list on rank 0 (None elsewhere); [local] without a process group."""
+    if not is_distributed():
+        return [local]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, out, dst=0)
+    return out
+
+
+def wrap(nets: dict[str, torch.nn.Module], device: torch.device, local_rank: int = 0) -> dict[str, torch.nn.Module]:
+    """One DistributedDataParallel per network (the networks themselves without a process group).
+
+    Training calls the wrappers, never `.module`, so gradients are synchronised. Buffers are not
+    broadcast: the frozen bank is buffers, and copying it every forward would cost a whole model per
+    earlier task; BatchNorm statistics are averaged over ranks at the end (`average_running_stats`).
+    """
+    if not is_distributed():
+        return dict(nets)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [local_rank] if device.type == "cuda" else None
+    with warnings.catch_warnings():   # torch 2.14 deprecates the name; its replacement still syncs at init
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+        return {k: DistributedDataParallel(n, device_ids=ids, broadcast_buffers=False) for k, n in nets.items()}
 
 
 def cleanup(wait: bool = True) -> None:

@@ -60,15 +60,18 @@ def do_nothing_scores(testset, prepared_root: Union[str, Path], direction: str, 
 
 
 def worse_than_doing_nothing(row: dict) -> list[str]:
-    """Which of the model's scores are worse than a do-nothing reference, e.g. ["L1 (input unchanged)"]."""
+    """The references the model scores worse than, with the scores, e.g. ["input unchanged (L1, SSIM)"]."""
     worse = []
     for ref, label in REFERENCES.items():
+        scores = []
         for score in SCORES:
             model, base = row.get(score), row.get(f"{ref}_{score}")
             if model is None or base is None:
                 continue
             if (model > base) if LOWER_IS_BETTER[score] else (model < base):
-                worse.append(f"{score.upper()} ({label})")
+                scores.append(score.upper())
+        if scores:
+            worse.append(f"{label} ({', '.join(scores)})")
     return worse
 
 
@@ -86,6 +89,6 @@ def reference_markdown(rows: list[dict], fmt) -> str:
     for r in rows:
         cells = [r["name"]] + [fmt(r.get(k)) for s in SCORES for k in (s, f"identity_{s}", f"mean_target_{s}")]
         worse = worse_than_doing_nothing(r)
-        cells.append(("**WORSE**: " + ", ".join(worse)) if worse else "no")
+        cells.append(("**WORSE** than " + "; ".join(worse)) if worse else "no")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

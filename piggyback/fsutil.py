@@ -84,3 +84,16 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(root: str | Path) -> list[Path]:
+    """Delete the temporaries a killed writer left under `root` (`.<name>.<random>.tmp` / `.old`, files or
+    folders, at any depth); returns them. Call when a stage starts, before it writes under `root`."""
+    root, removed = Path(root), []
+    for path in sorted(root.rglob(".*.*.tmp")) + sorted(root.rglob(".*.*.old")) if root.is_dir() else []:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -2,8 +2,9 @@
 
 tqdm's own ``disable=None`` switches the bar off when stderr is not a terminal, which is exactly the
 case of `dvc repro` in CI or with its output piped to a log: minutes without a sign of life. Off a
-terminal this prints one line every `every_s` seconds instead (done / total, rate, ETA) and a last line
-with the totals, so a log shows both that the stage is alive and how long it took.
+terminal this prints one line every `every_s` seconds instead (done / total, rate, ETA, the latest
+`set_postfix` values), one early estimate of the time left after the first `estimate_after` updates, and
+a last line with the totals, so a log shows both that the stage is alive and how long it will take.
 """
 from __future__ import annotations
 
@@ -23,35 +24,55 @@ class PlainProgress:
     """tqdm's update / close / context-manager surface, writing a plain line every `every_s` seconds."""
 
     def __init__(self, total: Optional[int], desc: str, unit: str, every_s: float = PLAIN_EVERY_S,
-                 stream: Optional[TextIO] = None):
+                 stream: Optional[TextIO] = None, initial: int = 0, estimate_after: int = 0):
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.stream = stream or sys.stderr
-        self.n, self.closed = 0, False
+        self.n, self.initial, self.estimate_after, self.closed = initial, initial, estimate_after, False
+        self.postfix: dict[str, Any] = {}
         self.t0 = self.last = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.perf_counter()
-        if now - self.last >= self.every_s:
+        if self.total and self.n - self.initial == self.estimate_after > 0 and self.n < self.total:
+            self._line(f"{self._rate(now):.2f} {self.unit}/s, about {_duration(self._eta(now))} for the "
+                       f"remaining {self.total - self.n} {self.unit}")
+        elif now - self.last >= self.every_s:
             self.last = now
             self._line(self._status(now))
 
-    def _status(self, now: float) -> str:
-        rate = self.n / max(now - self.t0, 1e-9)
-        if not self.total:
-            return f"{self.n} {self.unit} ({rate:.1f} {self.unit}/s)"
-        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-        left = _duration(eta) if eta != float("inf") else "?"
-        return f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%, {rate:.1f} {self.unit}/s, ETA {left})"
+    def set_postfix(self, values: dict[str, Any]) -> None:
+        """Values shown at the end of the next lines (tqdm's `set_postfix`)."""
+        self.postfix = dict(values)
 
-    def _line(self, text: str) -> None:
-        print(f"{self.desc}: {text}", file=self.stream, flush=True)
+    def write(self, text: str) -> None:
+        """A line of its own (tqdm's `write`)."""
+        self._line(text, prefix=False)
+
+    def _rate(self, now: float) -> float:   # in this process: resumed steps do not count
+        return (self.n - self.initial) / max(now - self.t0, 1e-9)
+
+    def _eta(self, now: float) -> float:
+        rate = self._rate(now)
+        return (self.total - self.n) / rate if rate > 0 else float("inf")
+
+    def _status(self, now: float) -> str:
+        rate, extra = self._rate(now), "".join(f", {k} {v}" for k, v in self.postfix.items())
+        if not self.total:
+            return f"{self.n} {self.unit} ({rate:.1f} {self.unit}/s{extra})"
+        eta = self._eta(now)
+        left = _duration(eta) if eta != float("inf") else "?"
+        return (f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%, {rate:.1f} {self.unit}/s, "
+                f"ETA {left}{extra})")
+
+    def _line(self, text: str, prefix: bool = True) -> None:
+        print(f"{self.desc}: {text}" if prefix else text, file=self.stream, flush=True)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            took = time.perf_counter() - self.t0
-            self._line(f"{self.n} {self.unit} in {_duration(took)} ({self.n / max(took, 1e-9):.1f} {self.unit}/s)")
+            took, done = time.perf_counter() - self.t0, self.n - self.initial
+            self._line(f"{done} {self.unit} in {_duration(took)} ({done / max(took, 1e-9):.1f} {self.unit}/s)")
 
     def __enter__(self) -> "PlainProgress":
         return self
@@ -61,21 +82,26 @@ class PlainProgress:
 
 
 class _Silent(PlainProgress):
-    def _line(self, text: str) -> None:
+    def _line(self, text: str, prefix: bool = True) -> None:
         pass
 
 
 def progress_bar(total: Optional[int], desc: str, unit: str = "it", enabled: bool = True,
-                 every_s: float = PLAIN_EVERY_S, stream: Optional[TextIO] = None) -> Any:
-    """A tqdm bar when `stream` (default stderr) is a terminal, else `PlainProgress`; silent when not `enabled`."""
+                 every_s: float = PLAIN_EVERY_S, stream: Optional[TextIO] = None, initial: int = 0,
+                 estimate_after: int = 0) -> Any:
+    """A tqdm bar when `stream` (default stderr) is a terminal, else `PlainProgress`; silent when not `enabled`.
+
+    `initial`: units already done (a resumed run). `estimate_after`: off a terminal, one line with the
+    time left after that many updates (the bar shows it all along on a terminal).
+    """
     stream = stream or sys.stderr
     if not enabled:
-        return _Silent(total, desc, unit, stream=stream)
+        return _Silent(total, desc, unit, stream=stream, initial=initial)
     if stream.isatty():
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True)
-    return PlainProgress(total, desc, unit, every_s, stream)
+        return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, initial=initial)
+    return PlainProgress(total, desc, unit, every_s, stream, initial, estimate_after)
 
 
 def track(items: Iterable, desc: str, unit: str = "it", total: Optional[int] = None, enabled: bool = True,

@@ -33,7 +33,7 @@ def requirements() -> list[str]:
     try:
         reqs = requires(PROJECT) or []
     except PackageNotFoundError as e:
-        raise RuntimeError(f"{PROJECT} is not installed (`pip install -e .`): its requirements go with the model") from e
+        raise RuntimeError(f"{PROJECT} is not installed (`pip install -e .`): the model lists its requirements") from e
     return [r for r in reqs if "extra ==" not in r]
 
 

@@ -8,14 +8,16 @@ of the process-global fluent API, so several trackers may coexist in one process
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from piggyback.config import MlflowConfig
+from piggyback.supervise import Terminated
 
 
 def repo_root() -> Path:
@@ -60,8 +62,9 @@ class NullTracker:
 class Tracker(NullTracker):
     """One MLflow run, addressed by id through an `MlflowClient`."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, logged: Optional[dict[str, int]] = None) -> None:
         self.client, self.run_id = client, run_id
+        self.logged = logged or {}   # metric -> last step already in the run: not logged again (a resume)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -74,7 +77,8 @@ class Tracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()]
+        items = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()
+                 if (step or 0) > self.logged.get(str(k), -1)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
@@ -126,6 +130,12 @@ def experiment_id(client: Any, name: str) -> str:
     return exp.experiment_id
 
 
+def _last_steps(client: Any, run_id: str) -> dict[str, int]:
+    """metric -> the last step the run holds for it."""
+    keys = client.get_run(run_id).data.metrics
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
+
+
 def open_run(
     cfg: MlflowConfig,
     rank: int,
@@ -133,8 +143,10 @@ def open_run(
     tags: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None,
     run_id: str | None = None,
+    resume: bool = False,
 ) -> NullTracker:
-    """Start a run (or reopen `run_id`, e.g. after a resume) on rank 0; a `NullTracker` elsewhere."""
+    """Start a run (or reopen `run_id`) on rank 0; a `NullTracker` elsewhere. With `resume` (training
+    continued from a snapshot) metrics are logged only at steps after the last one the run holds."""
     if rank != 0 or not cfg.enabled:
         return NullTracker()
     from mlflow import MlflowClient
@@ -142,13 +154,46 @@ def open_run(
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
-        tracker = Tracker(client, run_id)
+        tracker = Tracker(client, run_id, _last_steps(client, run_id) if resume else None)
     else:
         run = client.create_run(experiment_id(client, cfg.experiment), tags=dict(tags or {}), run_name=run_name)
         tracker = Tracker(client, run.info.run_id)
     if params and run_id is None:  # params are immutable per run: log them once, at creation
         tracker.log_params(params)
     return tracker
+
+
+def close_leftover_runs(cfg: MlflowConfig, rank: int, tags: dict[str, str], keep: Optional[str] = None) -> list[str]:
+    """End as KILLED every RUNNING run of the experiment carrying all of `tags` (except `keep`): what a
+    SIGKILLed stage left open. Call only while no other process of the same stage can be alive."""
+    if rank != 0 or not cfg.enabled:
+        return []
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return []
+    where = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'RUNNING'"])
+    closed = [r.info.run_id for r in client.search_runs([exp.experiment_id], filter_string=where, max_results=1000)
+              if r.info.run_id != keep]
+    for run_id in closed:
+        client.set_terminated(run_id, "KILLED")
+    return closed
+
+
+@contextlib.contextmanager
+def ended(tracker: NullTracker) -> Iterator[NullTracker]:
+    """End the run when the block ends: FINISHED, KILLED (SIGTERM / SIGINT) or FAILED (any other error)."""
+    try:
+        yield tracker
+    except (Terminated, KeyboardInterrupt):
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,31 +1,35 @@
 """Training of one lifelong task (Piggyback GAN, Zhai et al. ECCV 2020) under torchrun / DDP.
 
-One explicit function in labelled paragraphs, as stylegan2-ada `training_loop`: build the task's
-networks, wrap each in its own DistributedDataParallel (and call them through it, so gradients are
-synchronised: docs/method.md, "DDP bypass"), resume from a snapshot, train with the junyanz CycleGAN /
-pix2pix recipe (piggyback/models), snapshot every K iterations, record forgetting probes, save.
+`train_task` reads as labelled paragraphs, as stylegan2-ada's `training_loop`: set up (predecessor,
+data, the task's `TrainState`, the MLflow run), resume (a snapshot of exactly these settings), the epoch
+loop (the junyanz CycleGAN / pix2pix update of piggyback/models, logs, snapshots every K steps) and
+finish (replicas checked, probes recorded, models/<task>/ and the metrics files written). Each network
+is wrapped in its own DistributedDataParallel and called through it, so gradients are synchronised.
 """
 from __future__ import annotations
 
+import csv
+import io
 import itertools
-import sys
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from piggyback import distributed as D
 from piggyback import models, probes, snapshot
-from piggyback.checkpoint import save_lifelong
-from piggyback.config import Params, as_dict, task_recipe
-from piggyback.discriminators import build_discriminator
-from piggyback.lifelong import LifelongModel, task_parameters
+from piggyback.checkpoint import check_compatible, load_lifelong, load_probes, read_meta, save_lifelong
+from piggyback.config import Params, as_dict, dataset_data, task_recipe
+from piggyback.fsutil import atomic_write_text, remove_stale_temps, sha256_file
 from piggyback.losses import GANLoss
+from piggyback.metricsfile import write_metrics
+from piggyback.progress import progress_bar
+from piggyback.trainstate import TrainState, mode_config
+from piggyback.tracking import close_leftover_runs, default_tags, ended, flatten, open_run
 
 
 def task_seed(params: Params, task_index: int) -> int:
@@ -33,9 +37,14 @@ def task_seed(params: Params, task_index: int) -> int:
     return params.base.seed + 1000 * task_index
 
 
-def lr_lambda(epochs: int, epochs_decay: int):
-    """junyanz 'linear' policy: constant for `epochs`, then linear decay over `epochs_decay` (never 0)."""
-    return lambda epoch: 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
+@dataclass(frozen=True)
+class TaskPaths:
+    """Where one task reads and writes (checked by the stage before training)."""
+    prev: Path        # the predecessor's checkpoint, models/<prev>/
+    data: Path        # the prepared dataset
+    out: Path         # models/<task>/, written once at the end (must not exist)
+    metrics: Path     # metrics root: train/<task>.json and train/<task>.csv
+    models: Path      # checkpoint root: the snapshot lives in models/.snapshots/<task>/
 
 
 class _SkipSampler(Sampler):
@@ -69,191 +78,247 @@ def _grid(visuals: dict[str, torch.Tensor], names: tuple, n: int = 4) -> np.ndar
     return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def train_task(
-    params: Params,                            # Validated params.yaml (hyperparameters come only from here).
-    task: str,                                 # Task id under `tasks:`.
-    model: LifelongModel,                      # Predecessor's model (tasks 1..t-1), on the CPU.
-    loader: DataLoader,                        # From data.datasets.build_loader (DistributedSampler inside).
-    sampler: DistributedSampler,               # The loader's sampler (set_epoch every epoch).
-    probe_inputs: dict[str, torch.Tensor],     # {"G_A": (k, C, H, W)[, "G_B": ...]} fixed test inputs.
-    tracker: Any,                              # tracking.Tracker on rank 0, NullTracker elsewhere.
-    *,
-    device: torch.device,
-    out_dir: Optional[Path],                   # models/<task>/ (written by rank 0); None: do not save.
-    snapshot_dir: Path,                        # models/.snapshots/<task>/
-    resume: Optional[dict] = None,             # A loaded snapshot of this very run, or None.
-    prev_probes: Optional[dict] = None,        # Earlier tasks' probes, carried into the new checkpoint.
-    fingerprint: str = "",                     # Identifies the settings; stored in snapshots.
-    local_rank: int = 0,
-) -> dict:
-    """Train `task` on top of `model`, save models/<task>/ (rank 0); return the summary and epoch rows."""
-    recipe, cfg, mc = task_recipe(params, task), params.train, params.model
-    R = models.recipe(recipe.mode)
-    mcfg = cfg.cyclegan if recipe.mode == "cyclegan" else cfg.pix2pix
-    rank, world = D.get_rank(), D.get_world_size()
+class _Window:
+    """Losses and time between two log points (MLflow every train.log_every steps)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.seconds, self.images = 0, 0.0, 0
+
+    def add(self, losses: dict[str, torch.Tensor], seconds: float, images: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.steps, self.seconds, self.images = self.steps + 1, self.seconds + seconds, self.images + images
+
+    def flush(self, device: torch.device) -> dict[str, float]:
+        """Mean losses over the window and the ranks, and images/s; then start a new window (collective)."""
+        means = D.all_reduce_mean({k: (v / self.steps).item() for k, v in self.sums.items()}, device)
+        out = {**{f"loss/{k}": v for k, v in means.items()}, "images_per_s": self.images / max(self.seconds, 1e-9)}
+        self.__init__()
+        return out
+
+
+@dataclass
+class _Loop:
+    """What the epoch loop uses besides the state: not saved, rebuilt identically on resume."""
+    recipe: Any                   # piggyback.models.cyclegan | pix2pix
+    mcfg: Any                     # train.cyclegan | train.pix2pix
+    cfg: Any                      # train
+    gan: GANLoss
+    ddp: dict                     # the networks as called: DDP wrappers (or the networks alone)
+    loader: DataLoader
+    sampler: DistributedSampler
+    total: int                    # steps of the whole task (max_steps or epochs x steps per epoch)
+    total_epochs: int
+    snaps: snapshot.Snapshots
+    tracker: Any
+    progress: Any                 # progress_bar(): a tqdm bar on a terminal, plain lines elsewhere
+
+
+@dataclass
+class _Inputs:
+    """What a task trains from, loaded and checked before anything is written."""
+    model: Any                    # LifelongModel: the predecessor's tasks, the new one added by TrainState.build
+    loader: DataLoader
+    sampler: DistributedSampler
+    probe_inputs: dict            # fixed test inputs per generator (forgetting probes)
+    prev_probes: dict             # earlier tasks' probes, carried into the new checkpoint
+    seed: int
+
+
+def train_task(params: Params, task: str, paths: TaskPaths, *, device: torch.device, local_rank: int = 0,
+               run_name: Optional[str] = None) -> dict:
+    """Train `task` on its predecessor, save models/<task>/ and the metrics files (rank 0); return the summary.
+
+    Errors about the inputs (ConfigError, CheckpointError, ValueError, FileNotFoundError) are raised before
+    anything is written; a second trainer of the task gets `snapshot.TrainerBusy`. Resumes from a
+    snapshot of exactly these settings and clears it on success.
+    """
+    # Set up: the inputs, the task's lock and snapshot, its MLflow run (ended KILLED / FAILED on errors).
+    recipe, cfg, rank, world = task_recipe(params, task), params.train, D.get_rank(), D.get_world_size()
+    inputs = _load_inputs(params, task, paths)
+    with snapshot.Snapshots(paths.models, task, _fingerprint(params, task, paths, world), world) as snaps:
+        if rank == 0:
+            remove_stale_temps(paths.models)   # what a killed writer left (this trainer holds the lock now)
+        resume = snaps.load()
+        with ended(_open_run(params, task, world, run_name, resume)) as tracker:
+            state = TrainState.build(inputs.model, task, recipe, params, device, inputs.seed)
+            ddp = D.wrap(state.nets, device, local_rank)
+
+            # Resume: everything the state holds, this rank's part included; else log the parameter counts.
+            if resume is not None:
+                state.load_state_dict(resume)
+                D.print0(f"Resuming {task} from snapshot at epoch {state.epoch + 1}, step {state.step}")
+            else:
+                tracker.log_metrics(state.parameter_counts(), step=0)
+
+            # Epoch loop: the rest of each epoch, then its CSV row, sample grid and learning-rate decay.
+            epochs, n = recipe.epochs + recipe.epochs_decay, len(inputs.loader)
+            total = min(cfg.max_steps or epochs * n, epochs * n)
+            mcfg = mode_config(cfg, recipe.mode)
+            loop = _Loop(models.recipe(recipe.mode), mcfg, cfg, GANLoss(mcfg.gan_mode).to(device), ddp, inputs.loader,
+                         inputs.sampler, total, epochs, snaps, tracker,
+                         progress_bar(total, task, "it", enabled=rank == 0, initial=state.step, estimate_after=5))
+            loop.progress.write(f"train@{task}: {recipe.mode} on {recipe.dataset}, {epochs} epochs x {n} steps "
+                                f"(batch {cfg.batch_size} x {world} rank{'s' * (world > 1)}): {total} steps"
+                                + (f", from step {state.step}" if state.step else "") + "; time left after 5 steps")
+            while state.epoch < epochs and state.step < total:
+                visuals = _train_epoch(state, loop)
+                _end_epoch(state, loop, visuals)
+            loop.progress.close()
+
+            # Finish: replicas agree, the task frozen, probes recorded; models/<task>/ and the metrics files.
+            summary = _finish(state, inputs, task, params, paths, tracker, resumed=resume is not None)
+            if rank == 0:
+                snaps.clear()   # the task is done: only the final checkpoint remains
+    return summary
+
+
+def _load_inputs(params: Params, task: str, paths: TaskPaths) -> _Inputs:
+    """The predecessor (checked against params), the task's data loader and its probe inputs."""
+    from piggyback.data.datasets import build_loader, make_train_dataset
+
+    recipe, cfg = task_recipe(params, task), params.train
+    sizes = dataset_data(params, recipe.dataset)   # data.* with the dataset's own load_size / crop_size
+    model = load_lifelong(paths.prev)
+    check_compatible(model, params.model, cfg.method)
     seed = task_seed(params, len(model.tasks))
-    total_epochs = recipe.epochs + recipe.epochs_decay
-    steps_per_epoch = len(loader)
-    wall0 = time.perf_counter()
+    train_set = make_train_dataset(paths.data, recipe.mode, recipe.direction, sizes, seed)
+    loader, sampler = build_loader(train_set, cfg.batch_size, params.data.num_workers, seed=seed)
+    probe_in = probes.probe_inputs(paths.data, recipe.mode, recipe.direction, sizes.crop_size, cfg.probe_images)
+    return _Inputs(model, loader, sampler, probe_in, load_probes(paths.prev) or {}, seed)
 
-    # Build networks. Same seed on every rank, so replicas start equal (DDP broadcasts rank 0's anyway).
-    torch.manual_seed(seed)
-    G = model.add_task(task, recipe.mode, recipe.direction, recipe.dataset, recipe.lam)
-    d_in = {"D_A": mc.output_nc, "D_B": mc.input_nc} if recipe.mode == "cyclegan" else {"D_A": mc.input_nc + mc.output_nc}
-    Ds = {k: build_discriminator(mc.netD, d_in[k], mc.ndf, mc.n_layers_D, mc.norm) for k in R.DISCRIMINATORS}
-    model.to(device)
-    nets = {**G, **{k: d.to(device) for k, d in Ds.items()}}
-    if cfg.channels_last:
-        for n in nets.values():
-            n.to(memory_format=torch.channels_last)
-    adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    opt = {"G": torch.optim.Adam([p for g in G.values() for p in task_parameters(g)], **adam),  # this task's tensors only
-           "D": torch.optim.Adam([p for d in Ds.values() for p in d.parameters()], **adam)}
-    sched = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(recipe.epochs, recipe.epochs_decay)) for k, o in opt.items()}
-    prec = models.Precision(cfg.amp, device)
-    gan = GANLoss(mcfg.gan_mode).to(device)
-    pools = R.make_pools(mcfg, seed + 100 * rank)   # each rank pools its own fakes
-    torch.manual_seed(seed + rank)                  # from here on ranks draw differently (dropout)
-    counts = {"params/G_trainable": sum(p.numel() for g in G.values() for p in task_parameters(g)),
-              "params/D": sum(p.numel() for d in Ds.values() for p in d.parameters())}
 
-    # Wrap in DDP: one wrapper per network, always called through the wrapper in train_step.
-    if D.is_distributed():
-        ids = [local_rank] if device.type == "cuda" else None
-        with warnings.catch_warnings():   # torch 2.14 deprecates the name; its replacement still syncs at init
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
-            # Buffers are not broadcast: the frozen bank is buffers, and copying it every forward would cost
-            # a whole model per earlier task. BatchNorm statistics are averaged over ranks at the end instead.
-            ddp = {k: DistributedDataParallel(n, device_ids=ids, broadcast_buffers=False) for k, n in nets.items()}
-    else:
-        ddp = dict(nets)
+def _open_run(params: Params, task: str, world: int, run_name: Optional[str], resume: Optional[dict]) -> Any:
+    """The task's MLflow run: the snapshot's when resuming (no step logged twice), else a new one. Runs of
+    this stage a SIGKILLed trainer left RUNNING are closed first (the caller holds the task's lock)."""
+    rank, run_id = D.get_rank(), resume["run_id"] if resume else None
+    tags = {**default_tags(task), "piggyback.stage": "train"}
+    same_stage = {k: tags[k] for k in ("task", "piggyback.stage", "dvc.exp_name")}
+    closed = close_leftover_runs(params.mlflow, rank, same_stage, keep=run_id)
+    if closed:
+        print(f"train@{task}: closed MLflow run(s) {', '.join(closed)} left RUNNING by a killed trainer (now KILLED)",
+              flush=True)
+    return open_run(params.mlflow, rank, run_name=run_name or f"train@{task}", tags=tags,
+                    params=_tracked_params(params, task, world), run_id=run_id, resume=True)
 
-    # Resume: networks, optimisers, schedulers, scaler, counters, then this rank's pools, sums and RNG.
-    epoch = done = step = 0
-    history: list[dict] = []
-    sums: dict[str, torch.Tensor] = {}
-    timer = {"train_s": 0.0, "epoch_s": 0.0, "epoch_images": 0, "wall_s": 0.0}
-    if resume is not None:
-        for k, n in nets.items():
-            n.load_state_dict(resume["nets"][k])
-        for k in opt:
-            opt[k].load_state_dict(resume["optimizers"][k])
-            sched[k].load_state_dict(resume["schedulers"][k])
-        prec.load_state_dict(resume["scaler"])
-        epoch, done, step, history, timer = resume["epoch"], resume["done"], resume["step"], resume["history"], resume["timer"]
-        mine = resume["ranks"][rank]
-        for k, pool in pools.items():
-            pool.load_state_dict(mine["pools"][k], device)
-        sums = {k: v.to(device) for k, v in mine["sums"].items()}
-        snapshot.restore_rng(mine["rng"], device)
-        D.print0(f"Resuming {task} from snapshot at epoch {epoch + 1}, step {step}")
-    else:
-        tracker.log_metrics(counts, step=0)
 
-    # Train.
-    max_steps = cfg.max_steps or total_epochs * steps_per_epoch
-    total = min(max_steps, total_epochs * steps_per_epoch)
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=step, desc=task, unit="it", dynamic_ncols=True,
-               disable=not (rank == 0 and sys.stderr.isatty()))
-    window: dict[str, torch.Tensor] = {}
-    win_n, win_t = 0, 0.0
-    visuals: dict[str, torch.Tensor] = {}
+def _train_epoch(state: TrainState, loop: _Loop) -> dict[str, torch.Tensor]:
+    """The rest of the current epoch (from `state.done`): update, log, snapshot. Returns the last visuals."""
+    cfg, world, device, steps_per_epoch = loop.cfg, D.get_world_size(), state.device, len(loop.loader)
+    window, visuals = _Window(), {}
+    loop.sampler.set_epoch(state.epoch)            # a new permutation per epoch
+    loop.loader.dataset.set_epoch(state.epoch)     # per-sample crops / flips / partners of this epoch
     t_mark = time.perf_counter()
-    while epoch < total_epochs and step < max_steps:
-        sampler.set_epoch(epoch)            # a new permutation per epoch (docs/method.md, "Shuffled epochs")
-        loader.dataset.set_epoch(epoch)     # per-sample crops / flips / partners of this epoch
-        for batch in _remaining(loader, sampler, done):
-            real_A = batch["A"].to(device, non_blocking=True)
-            real_B = batch["B"].to(device, non_blocking=True)
-            if cfg.channels_last:
-                real_A, real_B = (x.contiguous(memory_format=torch.channels_last) for x in (real_A, real_B))
-            losses, visuals = R.train_step(ddp, opt, real_A, real_B, gan, mcfg, pools, prec, cfg.batch_calls)
-            step, done = step + 1, done + 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0) + v
-                window[k] = window.get(k, 0) + v
-            dt = time.perf_counter() - t_mark
-            timer["train_s"] += dt
-            timer["epoch_s"] += dt
-            timer["epoch_images"] += real_A.shape[0] * world
-            win_n, win_t = win_n + 1, win_t + dt
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                logged = D.all_reduce_mean({k: (v / win_n).item() for k, v in window.items()}, device)
-                ips = win_n * real_A.shape[0] * world / max(win_t, 1e-9)
-                tracker.log_metrics({**{f"loss/{k}": v for k, v in logged.items()}, "images_per_s": ips}, step=step)
-                bar.set_postfix({"epoch": f"{epoch + 1}/{total_epochs}", "img/s": f"{ips:.1f}",
-                                 **{k: f"{logged[k]:.3f}" for k in ("G", "D_A", "D_B", "D") if k in logged}})
-                window, win_n, win_t = {}, 0, 0.0
+    for batch in _remaining(loop.loader, loop.sampler, state.done):
+        real_A = batch["A"].to(device, non_blocking=True)
+        real_B = batch["B"].to(device, non_blocking=True)
+        if cfg.channels_last:
+            real_A, real_B = (x.contiguous(memory_format=torch.channels_last) for x in (real_A, real_B))
+        losses, visuals = loop.recipe.train_step(loop.ddp, state.optimizers, real_A, real_B, loop.gan, loop.mcfg,
+                                                 state.pools, state.precision, cfg.batch_calls)
+        dt, images = time.perf_counter() - t_mark, real_A.shape[0] * world
+        state.record_step(losses, dt, images)
+        window.add(losses, dt, images)
+        loop.progress.update(1)
+        if state.step % cfg.log_every == 0 or state.step == loop.total:
+            logged = window.flush(device)
+            loop.tracker.log_metrics(logged, step=state.step)
+            loop.progress.set_postfix({**{k: f"{logged['loss/' + k]:.3f}" for k in ("G", "D_A", "D_B", "D")
+                                          if "loss/" + k in logged}, "img/s": f"{logged['images_per_s']:.1f}"})
 
-            # Snapshot every K iterations and at each epoch's end (not after the last step: saving follows).
-            last = step >= max_steps or (epoch == total_epochs - 1 and done == steps_per_epoch)
-            if not last and ((cfg.snapshot_every and step % cfg.snapshot_every == 0) or done == steps_per_epoch):
-                local = {"rng": snapshot.capture_rng(device), "pools": {k: p.state_dict() for k, p in pools.items()},
-                         "sums": dict(sums)}
-                ranks = snapshot.gather_to_rank0(snapshot.to_cpu(local))
-                if rank == 0:
-                    snapshot.save(snapshot_dir, {
-                        "task": task, "fingerprint": fingerprint, "world_size": world, "run_id": tracker.run_id,
-                        "epoch": epoch, "done": done, "step": step, "history": history,
-                        "timer": {**timer, "wall_s": timer["wall_s"] + time.perf_counter() - wall0},
-                        "nets": {k: n.state_dict() for k, n in nets.items()},
-                        "optimizers": {k: o.state_dict() for k, o in opt.items()},
-                        "schedulers": {k: s.state_dict() for k, s in sched.items()},
-                        "scaler": prec.state_dict(), "ranks": ranks})
-            t_mark = time.perf_counter()
-            if step >= max_steps:
-                break
-
-        # End of epoch: one CSV row (losses averaged over the epoch and the ranks), a sample grid, lr decay.
-        n_done = max(done, 1)
-        row = {"epoch": epoch + 1, "step": step,
-               **D.all_reduce_mean({k: (v / n_done).item() for k, v in sums.items()}, device),
-               "lr": opt["G"].param_groups[0]["lr"],
-               "images_per_s": timer["epoch_images"] / max(timer["epoch_s"], 1e-9)}
-        history.append(row)
-        tracker.log_metrics({"lr": row["lr"], "epoch": row["epoch"], "epoch_images_per_s": row["images_per_s"],
-                             **{f"epoch_loss/{k}": row[k] for k in sums}}, step=step)
-        if visuals and tracker.run_id is not None:
-            tracker.log_image(_grid(visuals, R.VISUALS), f"samples/epoch_{epoch + 1:03d}.png")
-        if rank == 0 and bar.disable:
-            print(f"{task}: epoch {epoch + 1}/{total_epochs} step {step} "
-                  + " ".join(f"{k} {row[k]:.3f}" for k in sums) + f" {row['images_per_s']:.1f} img/s", flush=True)
-        with warnings.catch_warnings():   # a run resumed at an epoch's end steps no optimiser before this
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            for s in sched.values():
-                s.step()
-        epoch, done, sums = epoch + 1, 0, {}
-        timer.update(epoch_s=0.0, epoch_images=0)
+        # Snapshot every K steps and at each epoch's end, but not after the last step (saving follows).
+        if state.step < loop.total and ((cfg.snapshot_every and state.step % cfg.snapshot_every == 0)
+                                        or state.done == steps_per_epoch):
+            loop.snaps.save(state, loop.tracker.run_id)
         t_mark = time.perf_counter()
-    bar.close()
+        if state.step >= loop.total:
+            break
+    return visuals
 
-    # Probe: replicas must agree; freeze the task; record fixed inputs and the frozen network's outputs.
-    D.average_running_stats(G.values())                  # the current task's BatchNorm statistics, all shards
-    replicas_agree = D.check_replicas_agree({**G, **Ds})   # raises when they differ
+
+def _end_epoch(state: TrainState, loop: _Loop, visuals: dict[str, torch.Tensor]) -> None:
+    """One CSV row (losses averaged over the epoch and the ranks), a sample grid, a progress line, lr decay."""
+    row = {"epoch": state.epoch + 1, "step": state.step,
+           **D.all_reduce_mean({k: (v / max(state.done, 1)).item() for k, v in state.sums.items()}, state.device),
+           "lr": state.optimizers["G"].param_groups[0]["lr"],
+           "images_per_s": state.timer["epoch_images"] / max(state.timer["epoch_s"], 1e-9)}
+    state.history.append(row)
+    loop.tracker.log_metrics({"lr": row["lr"], "epoch": row["epoch"], "epoch_images_per_s": row["images_per_s"],
+                              **{f"epoch_loss/{k}": row[k] for k in state.sums}}, step=state.step)
+    if visuals and loop.tracker.run_id is not None:
+        loop.tracker.log_image(_grid(visuals, loop.recipe.VISUALS), f"samples/epoch_{state.epoch + 1:03d}.png")
+    loop.progress.write(f"{loop.progress.desc}: epoch {state.epoch + 1}/{loop.total_epochs} step {state.step} "
+                      + " ".join(f"{k} {row[k]:.3f}" for k in state.sums) + f" {row['images_per_s']:.1f} img/s")
+    state.next_epoch()
+
+
+def _finish(state: TrainState, inputs: _Inputs, task: str, params: Params, paths: TaskPaths, tracker: Any,
+            resumed: bool) -> dict:
+    """Check the replicas, freeze the task, record probes; rank 0 writes models/<task>/ and the metrics files."""
+    recipe, cfg, rank, world = task_recipe(params, task), params.train, D.get_rank(), D.get_world_size()
+    model, seed = inputs.model, inputs.seed
+    G = state.generators()
+    D.average_running_stats(G.values())       # the current task's BatchNorm statistics, all shards
+    replicas_agree = D.check_replicas_agree(state.nets)   # raises when they differ
+    history = state.history
     summary = {
         "task": task, "mode": recipe.mode, "dataset": recipe.dataset, "direction": recipe.direction,
-        "epochs": epoch, "steps": step, "world_size": world, "global_batch": cfg.batch_size * world,
-        "images_per_s": timer["train_s"] and step * cfg.batch_size * world / timer["train_s"],
-        "wall_time_s": timer["wall_s"] + time.perf_counter() - wall0, "resumed": resume is not None, "replicas_agree": replicas_agree,
+        "epochs": state.epoch, "steps": state.step, "world_size": world, "global_batch": cfg.batch_size * world,
+        "images_per_s": state.timer["train_s"] and state.step * cfg.batch_size * world / state.timer["train_s"],
+        "wall_time_s": state.wall_time(), "resumed": resumed, "replicas_agree": replicas_agree,
         "final_losses": {k: v for k, v in history[-1].items() if k not in ("epoch", "step", "lr", "images_per_s")}
         if history else {},
         "mlflow_run_id": tracker.run_id,
     }
     record = model.finish_task(mlflow_run_id=tracker.run_id, train={
-        "recipe": as_dict(recipe), "steps": step, "epochs_done": epoch, "world_size": world, "seed": seed})
+        "recipe": as_dict(recipe), "steps": state.step, "epochs_done": state.epoch, "world_size": world, "seed": seed})
     summary["params"] = {k: record[k] for k in ("new_params", "stored_params", "separate_params")}
     if rank == 0:
-        task_probes = probes.record_probes(model, task, probe_inputs)
+        task_probes = probes.record_probes(model, task, inputs.probe_inputs)
         record["probe_sha256"] = {w: p["sha256"] for w, p in task_probes.items()}
-
-        # Save: models/<task>/ with tasks 1..t and every task's probes (earlier ones carried forward).
-        if out_dir is not None:
-            save_lifelong(model, out_dir, probes={**(prev_probes or {}), task: task_probes},
-                          extra_meta={"trained_task": task, "world_size": world, "seed": seed})
-        tracker.log_metrics({f"params/{k}": v for k, v in summary["params"].items()}, step=step)
+        # models/<task>/ holds tasks 1..t and every task's probes (earlier ones carried forward).
+        save_lifelong(model, paths.out, probes={**inputs.prev_probes, task: task_probes},
+                      extra_meta={"trained_task": task, "world_size": world, "seed": seed})
+        tracker.log_metrics({f"params/{k}": v for k, v in summary["params"].items()}, step=state.step)
         tracker.log_dict(record, "task_record.json")
-    summary["history"] = history
+        for path in _write_metrics(paths.metrics, task, summary, history):
+            tracker.log_artifact(path, "metrics")
+        print(f"train@{task}: {state.step} steps, {summary['images_per_s']:.1f} img/s, "
+              f"{summary['wall_time_s']:.1f} s -> {paths.out}", flush=True)
     return summary
+
+
+def _fingerprint(params: Params, task: str, paths: TaskPaths, world: int) -> str:
+    """What the trajectory depends on: a snapshot with another fingerprint is stale."""
+    manifest = paths.data / "manifest.json"
+    return snapshot.fingerprint({
+        "params": {k: as_dict(getattr(params, k)) for k in ("base", "model", "train", "data")},
+        "sizes": as_dict(dataset_data(params, params.tasks[task].dataset)), "task": as_dict(params.tasks[task]), "prev": read_meta(paths.prev)["files"], "world_size": world,
+        "data": sha256_file(manifest) if manifest.is_file() else None})
+
+
+def _tracked_params(params: Params, task: str, world: int) -> dict:
+    """The MLflow params of a task's run: its recipe, the sections it reads (flattened), the world size."""
+    recipe = as_dict(task_recipe(params, task))
+    recipe.pop("task")
+    sizes = dataset_data(params, params.tasks[task].dataset)
+    data = {k: getattr(sizes, k) for k in ("load_size", "crop_size", "flip", "num_workers")}
+    return {**recipe, "prev": params.tasks[task].prev, "world_size": world,
+            "global_batch_size": params.train.batch_size * world,
+            **flatten({"train": as_dict(params.train), "model": as_dict(params.model), "data": data,
+                       "base": as_dict(params.base)})}
+
+
+def _write_metrics(metrics: Path, task: str, summary: dict, history: list[dict]) -> tuple[Path, Path]:
+    """metrics/train/<task>.json (the summary) and metrics/train/<task>.csv (one row per epoch)."""
+    json_path = write_metrics(metrics, f"train/{task}.json", summary)   # text in metrics/info/train/
+    csv_path = metrics / "train" / f"{task}.csv"
+    cols = ["epoch", "step"] + sorted({k for r in history for k in r} - {"epoch", "step", "lr", "images_per_s"}) \
+        + ["lr", "images_per_s"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(csv_path, buf.getvalue())
+    return json_path, csv_path

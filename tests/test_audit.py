@@ -91,6 +91,33 @@ def test_damaged_checkpoint_file_is_named(chain, tmp_path):
     assert "cannot be trusted" in str(exc.value.code) and GENERATORS in str(exc.value.code)
 
 
+def test_damaged_intermediate_checkpoint_fails_with_the_final_intact(chain, tmp_path):
+    """Every task's own checkpoint is verified, not only the final one."""
+    ws = _workspace(chain, tmp_path)
+    path = ws / "models" / "t1" / GENERATORS
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exc:
+        _run_audit(ws, chain)
+    msg = str(exc.value.code)
+    assert "task t1 cannot be trusted" in msg and str(path) in msg and "dvc checkout train@t1" in msg
+
+
+def test_stale_snapshot_of_a_finished_task_is_removed(chain, tmp_path, capsys):
+    """A snapshot folder beside a finished task (DVC restored the task from its run cache) is deleted."""
+    ws = _workspace(chain, tmp_path)
+    stale = ws / "models" / ".snapshots" / "t2"
+    stale.mkdir(parents=True)
+    (stale / "snapshot.pt").write_bytes(b"old")
+    _run_audit(ws, chain)
+    assert not (ws / "models" / ".snapshots").exists()
+    assert "stale snapshot folders of finished task(s) t2" in capsys.readouterr().out
+    report = json.loads((ws / "metrics" / "forgetting.json").read_text())
+    listed = sum(len(json.loads((ws / "models" / t / "meta.json").read_text())["files"]) for t in ("t1", "t2", "t3"))
+    assert report["checkpoint_files_verified"] == listed >= 3
+
+
 def test_missing_final_checkpoint_names_the_stage(chain, tmp_path):
     ws = _workspace(chain, tmp_path)
     shutil.rmtree(ws / "models" / "t3")

@@ -57,7 +57,7 @@ def test_crash_then_resume_is_exact(tmp_path, monkeypatch, capsys, reference, cr
         return path
 
     monkeypatch.setattr(snapshot, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(SystemExit, match="train@t1: RuntimeError: simulated crash .*resumes from it"):
         run_train("t1", params, models, data, metrics)
     assert not (models / "t1").exists() and (models / ".snapshots" / "t1" / "snapshot.pt").is_file()
     run_id = snapshot.load(models / ".snapshots" / "t1")["run_id"]
@@ -78,6 +78,34 @@ def test_crash_then_resume_is_exact(tmp_path, monkeypatch, capsys, reference, cr
     assert [m.step for m in client.get_metric_history(run_id, "loss/G")] == list(range(1, 13))
 
 
+def test_resumed_run_logs_no_step_twice(tmp_path, monkeypatch, reference):
+    """Steps logged after the last snapshot and before the crash are not logged again by the resumed run."""
+    from mlflow import MlflowClient
+
+    from piggyback.progress import PlainProgress
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    params = write_params(tmp_path / "params.yaml", TASKS, model=MODEL, train=TRAIN, mlflow={"enabled": True})
+    models, metrics = tmp_path / "models", tmp_path / "metrics"
+    run_init(params, models)
+    real_update = PlainProgress.update   # the bar off a terminal (pytest captures stderr)
+
+    def crash_at_step_5(self, n=1):
+        if self.n + n == 5:   # steps 1-4 logged, snapshot at step 3
+            raise RuntimeError("simulated crash")
+        real_update(self, n)
+
+    monkeypatch.setattr(PlainProgress, "update", crash_at_step_5)
+    with pytest.raises(SystemExit, match="simulated crash"):
+        run_train("t1", params, models, reference["data"], metrics)
+    monkeypatch.setattr(PlainProgress, "update", real_update)
+    run_id = snapshot.load(models / ".snapshots" / "t1")["run_id"]
+    run_train("t1", params, models, reference["data"], metrics)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(run_id, "loss/G")] == list(range(1, 13))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_stale_snapshot_is_ignored(tmp_path, monkeypatch, capsys, reference):
     params = write_params(tmp_path / "params.yaml", TASKS, model=MODEL, train=TRAIN)
     models, data = tmp_path / "models", reference["data"]
@@ -89,7 +117,7 @@ def test_stale_snapshot_is_ignored(tmp_path, monkeypatch, capsys, reference):
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(snapshot, "save", crash)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(SystemExit, match="simulated crash"):
         run_train("t1", params, models, data, tmp_path / "metrics")
     monkeypatch.setattr(snapshot, "save", real_save)
     params = write_params(tmp_path / "params.yaml", TASKS, model=MODEL, train={**TRAIN, "lr": 1e-4})

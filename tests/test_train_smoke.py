@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from piggyback.checkpoint import load_lifelong, load_probes, read_meta
-from piggyback.training import lr_lambda
+from piggyback.trainstate import lr_lambda
 from train_helpers import make_data, run_init, run_train, single_thread, write_params  # noqa: F401
 
 CYCLE = {"t1": {"dataset": "daynight", "prev": "init", "mode": "cyclegan"}}
