@@ -155,7 +155,7 @@ def _lambda_text(summary: dict) -> str:
         return "lambda 1 everywhere: a full generator per task"
     if summary["method"] == "finetune":
         return "one generator re-trained by every task"
-    over = summary.get("lam_overrides") or {}
+    over = {k: v for k, v in (summary.get("lam_overrides") or {}).items() if v is not None}   # null: model.lam
     return f"lambda {summary['lam']}" + (f" ({', '.join(f'{k} {v}' for k, v in over.items())})" if over else "")
 
 

@@ -61,6 +61,8 @@ def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     uri = f"sqlite:///{tmp}/mlflow.db"
     mlflow.MlflowClient(uri).create_experiment("piggyback-gan", artifact_location=(tmp / "artifacts").as_uri())
+    mp = pytest.MonkeyPatch()
+    mp.setattr("piggyback.publish.publish_model", lambda *a, **k: None)   # no checkpoint behind these summaries
     _log(_params(tmp, uri, "piggyback", 0), _summary(_params(tmp, uri, "piggyback", 0), 0.90))    # older seed-0 run
     for seed, l1 in ((0, 0.10), (1, 0.12)):
         _log(_params(tmp, uri, "piggyback", seed), _summary(_params(tmp, uri, "piggyback", seed), l1, bwt=0.0))
@@ -69,6 +71,7 @@ def store(tmp_path_factory):
     other = _params(tmp, uri, "piggyback", 2, epochs=2)
     _log(other, _summary(other, 7.0))
     _log(_params(tmp, uri, "piggyback", 2), _summary(_params(tmp, uri, "piggyback", 2), 3.0), status="FAILED")
+    mp.undo()
     return tmp, uri
 
 
@@ -130,5 +133,5 @@ def test_header_says_what_each_method_stores(tmp_path):
     uri = "sqlite:///unused.db"
     summary = _summary(_params(tmp_path, uri, "separate", 0), 0.1)
     assert "lambda 1 everywhere" in to_markdown(summary) and "lambda 0.25" not in to_markdown(summary)
-    summary = {**_summary(_params(tmp_path, uri, "piggyback", 0), 0.1), "lam_overrides": {"last": 1.0}}
+    summary = {**_summary(_params(tmp_path, uri, "piggyback", 0), 0.1), "lam_overrides": {"first": None, "last": 1.0}}
     assert "lambda 0.25 (last 1.0)" in to_markdown(summary)
