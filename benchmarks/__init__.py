@@ -1,4 +1,4 @@
-"""Speed and memory benchmarks of the piggyback library against plain PyTorch baselines (issue 7).
+"""Speed and memory benchmarks of the piggyback library against plain PyTorch baselines.
 
 Run ``python -m benchmarks`` (about 20 minutes on a 2-core CPU) or ``python -m benchmarks --quick`` (a few
 minutes); ``--device cuda`` (the default when a GPU is present) runs every candidate with bf16 autocast,
@@ -16,6 +16,12 @@ a short table and writes ``benchmarks/results/latest.json`` (git-ignored). What 
   only dilute the ratio, so they are left out here (the generator-only ratio is the worst case). The full
   run also times the real recipe, ``cyclegan.train_step`` / ``pix2pix.train_step`` with discriminators,
   image pools and GAN losses (``train_recipe``; CycleGAN calls each generator three times per iteration).
+- ``recipe_vs_reference_task3`` (per case): one full iteration of our recipe training task 3, as
+  training runs it (independent calls batched through per-sample networks, foreach Adam), over the
+  straightforward iteration of ``benchmarks/reference.py`` (junyanz's structure: six generator calls,
+  separate discriminator calls for real and fake, float32, eager, default Adam) on plain networks holding
+  the same weights. ``levers`` in each ``train_recipe`` case: our step one switch away from the default
+  (``unbatched``, ``adam_loop``, ``adam_fused``, ``channels_last``) over the default step.
 - ``infer_overhead``: a materialised task-3 network (``lifelong.materialize``) against an independently
   built plain network with the same weights (eval mode, inference mode, batch 1; resnet_9blocks at 256x256,
   128x128 with ``--quick``; every case in ``infer``). The piggyback network run directly (weights composed
@@ -26,6 +32,15 @@ a short table and writes ``benchmarks/results/latest.json`` (git-ignored). What 
 - ``pipeline``: ``dvc repro`` end to end in a temporary git + DVC copy of the repo, then a no-op repro.
 - ``memory``: peak RSS of each candidate, each measured alone in a fresh subprocess (CUDA: max allocated).
 - ``growth``: the analytic parameter-growth tables (resnet_9blocks, unet_256; 10 tasks; several lambdas).
+
+What is independent and what is the library's: the baselines are written here on purpose, so that a
+library bug cannot hide in both sides of a ratio. ``nets.plain_copy`` rebuilds each generator from
+plain ``torch.nn`` layers (not ``lifelong.materialize``), and ``reference.py`` is the whole iteration
+written without ``piggyback.models`` (its own GAN loss, gradient toggles and optimiser). Everything that
+is not under test reuses the library: the generator and discriminator builders, the image pool, the
+recipe configs, the order choice (``order_for``), mixed precision (``models.Precision``), the Adam
+implementation switch and the atomic JSON writer. What remains here is measurement itself: interleaved
+timing, load and environment records, peak memory in a fresh process, and the ``dvc repro`` copy.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Shared machinery: device setup, interleaved timing, environment record, atomic JSON output."""
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -15,6 +13,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
+
+from piggyback.fsutil import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,13 +50,6 @@ def configure_backend(device: torch.device, threads: int | None = None) -> dict:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; float32 on CPU (bf16 convolutions are slower than float32 on most CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -227,14 +220,8 @@ def _finite(obj):
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write atomically: a temporary sibling, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically (the library's writer), NaN/inf as null."""
+    atomic_write_json(path, _finite(data))
 
 
 def fmt_table(head: list[str], rows: Iterable[list[str]]) -> str:

@@ -22,10 +22,11 @@ from torch import nn
 
 from piggyback import lifelong
 from piggyback.layers import PIGGYBACK_LAYERS
+from piggyback.models import Precision, adam_options
 from piggyback.networks import GeneratorConfig, build_generator
 from piggyback.norms import TaskBatchNorm2d
 
-from .core import autocast, synchronize
+from .core import synchronize
 
 # junyanz defaults per generator: CycleGAN's ResNets (instance norm), pix2pix's U-Nets (batch norm, dropout).
 ARCH = {
@@ -135,13 +136,14 @@ def trainable(net: nn.Module) -> list[nn.Parameter]:
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def adam(params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """Adam with the recipe's settings, using the fused kernel where this PyTorch has one for `device`."""
-    kw = dict(lr=2e-4, betas=(0.5, 0.999))
-    try:
-        return torch.optim.Adam(params, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, **kw)
+def adam(params: list[nn.Parameter], impl: str = "fused") -> torch.optim.Optimizer:
+    """Adam with the recipe's settings and the library's implementation choice (`train.adam_impl`)."""
+    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999), **adam_options(impl))
+
+
+def _precision(device: torch.device) -> Precision:
+    """bf16 autocast on CUDA, float32 on the CPU (bf16 convolutions are slower there): every candidate alike."""
+    return Precision("bf16" if device.type == "cuda" else "none", device)
 
 
 def inputs(case: Case, device: torch.device, channels_last: bool, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,11 +162,11 @@ def place(net: nn.Module, device: torch.device, channels_last: bool) -> nn.Modul
 
 def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], float]:
     """One generator update: zero grads, forward (autocast on CUDA), L1 to the target, backward, Adam step."""
-    opt = adam(trainable(net), device)
+    opt = adam(trainable(net))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with autocast(device):
+        with _precision(device).autocast():
             out = net(x)
         loss = F.l1_loss(out.float(), y)
         loss.backward()
@@ -176,7 +178,7 @@ def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
 def infer_fn(net: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], torch.Tensor]:
     def run():
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), _precision(device).autocast():
             return net(x)
 
     return run
@@ -265,42 +267,76 @@ def compose_time(net: nn.Module, device: torch.device, repeats: int = 5) -> dict
 
 
 # -- the real recipe (discriminators, pools, GAN losses) --------------------------------------------
-def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: bool,
-                   seed: int = 0) -> tuple[Callable[[], object], dict]:
-    """One full iteration of the case's recipe (`cyclegan.train_step` / `pix2pix.train_step`), batch 1.
+#: Variants of our recipe step, each one lever away from the default (`train.*` keys of the same name).
+LEVERS = {"unbatched": {"batch_calls": False}, "adam_loop": {"adam_impl": "loop"},
+          "adam_fused": {"adam_impl": "fused"}, "channels_last": {"channels_last": True}}
 
-    The generators are `which` (plain | task1 | task3; CycleGAN: G_A and G_B, both of that kind); the
-    discriminators are junyanz's PatchGAN (plain convs, ndf = ngf, fresh, same seed for every candidate), the
-    optimisers the recipe's Adam (G: the generators' trainable tensors; D: all of D), precision bf16
-    autocast on CUDA. Returns (step, info).
-    """
-    from piggyback.config import CycleGANConfig, Pix2PixConfig
+
+def _recipe_nets(case: Case, which: str, device: torch.device, channels_last: bool, seed: int) -> dict:
+    """Generators of kind `which` (G_B gets other weights than G_A) and fresh junyanz PatchGANs (ndf = ngf)."""
     from piggyback.discriminators import build_discriminator
-    from piggyback.losses import GANLoss
-    from piggyback.models import Precision, recipe
+    from piggyback.models import recipe
 
-    mode = ARCH[case.netG]["recipe"]
-    norm = ARCH[case.netG]["norm"]
+    mode, norm = ARCH[case.netG]["recipe"], ARCH[case.netG]["norm"]
     R = recipe(mode)
-    mcfg = CycleGANConfig() if mode == "cyclegan" else Pix2PixConfig()
-    gens = {}
-    for k, name in enumerate(R.GENERATORS):   # G_B gets other weights than G_A
-        gens[name] = candidate_net(case, which, seed + k)
+    gens = {name: candidate_net(case, which, seed + k) for k, name in enumerate(R.GENERATORS)}
     d_in = {"D_A": 3, "D_B": 3} if mode == "cyclegan" else {"D_A": 6}
     torch.manual_seed(seed + 10)
-    ds = {k: build_discriminator("basic", d_in[k], case.ngf, 3, norm) for k in R.DISCRIMINATORS}  # ndf = ngf
-    nets = {k: place(v, device, channels_last) for k, v in {**gens, **ds}.items()}
-    opt = {"G": adam([p for k in R.GENERATORS for p in trainable(nets[k])], device),
-           "D": adam([p for k in R.DISCRIMINATORS for p in nets[k].parameters()], device)}
-    prec = Precision("bf16" if device.type == "cuda" else "none", device)
+    ds = {k: build_discriminator("basic", d_in[k], case.ngf, 3, norm) for k in R.DISCRIMINATORS}
+    return {k: place(v, device, channels_last) for k, v in {**gens, **ds}.items()}
+
+
+def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: bool, seed: int = 0,
+                   batch_calls: bool = True, adam_impl: str = "foreach") -> tuple[Callable[[], object], dict]:
+    """One full iteration of the case's recipe as training runs it (`cyclegan.train_step` / `pix2pix.train_step`).
+
+    The generators are `which` (plain | task1 | task3), the optimisers the recipe's Adam (G: the
+    generators' trainable tensors; D: all of D) in `adam_impl`, precision bf16 autocast on CUDA; batch 1.
+    Returns (step, info).
+    """
+    from piggyback.config import CycleGANConfig, Pix2PixConfig
+    from piggyback.losses import GANLoss
+    from piggyback.models import recipe
+
+    mode = ARCH[case.netG]["recipe"]
+    R = recipe(mode)
+    mcfg = CycleGANConfig() if mode == "cyclegan" else Pix2PixConfig()
+    nets = _recipe_nets(case, which, device, channels_last, seed)
+    opt = {"G": adam([p for k in R.GENERATORS for p in trainable(nets[k])], adam_impl),
+           "D": adam([p for k in R.DISCRIMINATORS for p in nets[k].parameters()], adam_impl)}
+    prec = _precision(device)
     gan = GANLoss(mcfg.gan_mode).to(device)
     pools = R.make_pools(mcfg, seed)
     real_A, real_B = inputs(case, device, channels_last, seed=seed + 1)
 
     def step():
-        return R.train_step(nets, opt, real_A, real_B, gan, mcfg, pools, prec)
+        return R.train_step(nets, opt, real_A, real_B, gan, mcfg, pools, prec, batch_calls)
 
     info = {"recipe": mode, "generators": list(R.GENERATORS), "discriminators": list(R.DISCRIMINATORS),
+            "batch_calls": batch_calls, "adam_impl": adam_impl, "channels_last": channels_last,
             "trainable_G": sum(p.numel() for k in R.GENERATORS for p in trainable(nets[k])),
             "params_D": sum(p.numel() for k in R.DISCRIMINATORS for p in nets[k].parameters())}
     return step, info
+
+
+def reference_step_fn(case: Case, device: torch.device, seed: int = 0) -> tuple[Callable[[], object], dict]:
+    """The straightforward iteration (benchmarks/reference.py) on plain networks with task 3's weights:
+    float32, NCHW, eager, default Adam, on any device. Returns (step, info)."""
+    from piggyback.config import CycleGANConfig, Pix2PixConfig
+    from piggyback.models import recipe
+
+    from . import reference
+
+    mode = ARCH[case.netG]["recipe"]
+    R = recipe(mode)
+    mcfg = CycleGANConfig() if mode == "cyclegan" else Pix2PixConfig()
+    nets = _recipe_nets(case, "plain", device, False, seed)
+    opt = {"G": reference.adam(p for k in R.GENERATORS for p in nets[k].parameters()),
+           "D": reference.adam(p for k in R.DISCRIMINATORS for p in nets[k].parameters())}
+    pools = R.make_pools(mcfg, seed)
+    real_A, real_B = inputs(case, device, False, seed=seed + 1)
+
+    def step():
+        return reference.STEPS[mode](nets, opt, real_A, real_B, mcfg, pools)
+
+    return step, {"recipe": mode, "implementation": "benchmarks/reference.py", "adam_impl": "torch default"}

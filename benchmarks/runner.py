@@ -30,6 +30,7 @@ class BenchConfig:
     train_warmup: int = 1
     train_repeats: int = 5
     recipe_cases: tuple = ()                 # the full recipe (train_step with discriminators)
+    recipe_levers: tuple = ()                # our recipe one lever away (nets.LEVERS), each against the default
     recipe_warmup: int = 1
     recipe_repeats: int = 4
     infer_cases: tuple = ()
@@ -72,7 +73,8 @@ def preset(name: str) -> BenchConfig:
             mode="full",
             train_cases=(Case("resnet_9blocks", 128), Case("resnet_9blocks", 256), Case("unet_256", 256)),
             headline="resnet_9blocks@256", infer_headline="resnet_9blocks@256",
-            recipe_cases=(Case("resnet_9blocks", 128), Case("unet_256", 256)),
+            recipe_cases=(Case("resnet_9blocks", 128), Case("resnet_9blocks", 256), Case("unet_256", 256)),
+            recipe_levers=("unbatched", "adam_loop", "adam_fused", "channels_last"),
             pipeline=("suite",),
             infer_cases=(Case("resnet_9blocks", 256), Case("resnet_9blocks", 256, batch=4), Case("unet_256", 256)),
         )
@@ -81,6 +83,7 @@ def preset(name: str) -> BenchConfig:
             mode="quick",
             train_cases=(Case("resnet_9blocks", 128),), headline="resnet_9blocks@128", train_repeats=4,
             recipe_cases=(Case("resnet_9blocks", 128),), recipe_repeats=3,
+            recipe_levers=("unbatched", "adam_loop", "adam_fused", "channels_last"),
             infer_cases=(Case("resnet_9blocks", 128),), infer_repeats=12,
             fid_images=32, fid_size=64, fid_batch=32, fid_repeats=2,
             frechet_ours_repeats=3, frechet_theirs_repeats=1,
@@ -90,7 +93,7 @@ def preset(name: str) -> BenchConfig:
         return BenchConfig(
             mode="tiny",
             train_cases=(Case("resnet_9blocks", 32, ngf=8),), headline="resnet_9blocks@32", train_warmup=1,
-            train_repeats=2, recipe_cases=(Case("resnet_9blocks", 32, ngf=8),), recipe_repeats=2,
+            train_repeats=2, recipe_cases=(Case("resnet_9blocks", 32, ngf=8),), recipe_repeats=2, recipe_levers=("unbatched",),
             infer_cases=(Case("resnet_9blocks", 32, ngf=8),), infer_warmup=1, infer_repeats=2,
             fid_images=4, fid_size=32, fid_batch=2, fid_warmup=1, fid_repeats=2, fid_stub=True,
             frechet_dims=64, frechet_samples=256, frechet_ours_repeats=2, frechet_theirs_repeats=2,
@@ -130,22 +133,38 @@ def run_train(cfg: BenchConfig, device: torch.device, results: dict) -> None:
         del built, steps
         gc.collect()
     for case in cfg.recipe_cases:
-        mode = nets.ARCH[case.netG]["recipe"]
-        print(f"[train] {case.name}: full {mode} iteration (train_step with discriminators), "
-              "plain vs task 1 vs task 3", flush=True)
-        steps, info = {}, {}
-        for w in ("plain", "task1", "task3"):
-            steps[w], info[w] = nets.recipe_step_fn(case, w, device, cl)
-        timings = interleave(steps, cfg.recipe_warmup, cfg.recipe_repeats, device, case.name + " " + mode,
-                             track_cuda_memory=device.type == "cuda")
-        entry = {"case": case.to_dict(), "channels_last": cl, "timed": f"{mode}.train_step (G and D updates)",
-                 "timings": timings, "ratios": ratios(timings, "plain"), "info": info}
-        results["train_recipe"][case.name] = entry
-        r = entry["ratios"]
-        print(f"[train] {case.name} {mode}: plain {timings['plain']['median_s'] * 1e3:.0f} ms, task1 "
-              f"x{r['task1']['ratio']:.3f}, task3 x{r['task3']['ratio']:.3f}", flush=True)
-        del steps
-        gc.collect()
+        run_recipe(cfg, case, device, cl, results)
+
+
+def run_recipe(cfg: BenchConfig, case, device: torch.device, cl: bool, results: dict) -> None:
+    """One full iteration: the reference, our recipe on plain generators, on task 3, and each lever."""
+    from . import nets
+
+    mode = nets.ARCH[case.netG]["recipe"]
+    print(f"[train] {case.name}: full {mode} iteration, reference vs plain vs task 3"
+          + (f" vs levers {list(cfg.recipe_levers)}" if cfg.recipe_levers else ""), flush=True)
+    steps, info = {}, {}
+    steps["reference"], info["reference"] = nets.reference_step_fn(case, device)
+    for w in ("plain", "task3"):
+        steps[w], info[w] = nets.recipe_step_fn(case, w, device, cl)
+    for lever in cfg.recipe_levers:
+        kw = {"channels_last": cl, **nets.LEVERS[lever]}
+        if lever == "channels_last":
+            kw["channels_last"] = not cl
+        steps[f"task3_{lever}"], info[f"task3_{lever}"] = nets.recipe_step_fn(case, "task3", device, **kw)
+    timings = interleave(steps, cfg.recipe_warmup, cfg.recipe_repeats, device, case.name + " " + mode,
+                         track_cuda_memory=device.type == "cuda")
+    entry = {"case": case.to_dict(), "channels_last": cl, "timed": f"{mode}.train_step (G and D updates)",
+             "timings": timings, "ratios": ratios(timings, "plain"), "info": info,
+             "vs_reference": ratios(timings, "reference"),
+             "levers": {k[len("task3_"):]: v for k, v in ratios(timings, "task3").items() if k.startswith("task3_")}}
+    results["train_recipe"][case.name] = entry
+    r = entry["vs_reference"]["task3"]
+    print(f"[train] {case.name} {mode}: reference {timings['reference']['median_s'] * 1e3:.0f} ms, task3 "
+          f"x{r['ratio']:.3f} (min x{r['min_ratio']:.3f}), task3 / plain x{entry['ratios']['task3']['ratio']:.3f}; "
+          + ", ".join(f"{k} x{v['ratio']:.3f}" for k, v in entry["levers"].items()), flush=True)
+    del steps
+    gc.collect()
 
 
 def run_infer(cfg: BenchConfig, device: torch.device, results: dict) -> None:
@@ -249,7 +268,7 @@ def run_growth(cfg: BenchConfig, device: torch.device, results: dict) -> None:
     from piggyback.accounting import growth_table
 
     for netG in cfg.growth_nets:
-        overrides = {"last": 1.0} if netG.startswith("unet") else {}   # DESIGN.md 2.2's U-Net convention
+        overrides = {"last": 1.0} if netG.startswith("unet") else {}   # docs/method.md, "Parameter growth"
         for lam in cfg.growth_lams:
             rows = growth_table(netG, 64, cfg.growth_tasks, lam, lam_overrides=overrides)
             results["growth"][f"{netG}/lam={lam}"] = {"netG": netG, "ngf": 64, "lam": lam, "lam_overrides": overrides,
@@ -268,9 +287,13 @@ def summarize(cfg: BenchConfig, results: dict) -> None:
         results["train_overhead_task3_worst"] = max(per_case.values())
         results["train_overhead_task3_per_case"] = per_case
         results["train_overhead_task1_per_case"] = {n: e["ratios"]["task1"]["ratio"] for n, e in train.items()}
-    if results.get("train_recipe"):
-        results["train_recipe_overhead_task3_per_case"] = {
-            n: e["ratios"]["task3"]["ratio"] for n, e in results["train_recipe"].items()}
+    recipe = results.get("train_recipe", {})
+    if recipe:
+        results["train_recipe_overhead_task3_per_case"] = {n: e["ratios"]["task3"]["ratio"] for n, e in recipe.items()}
+        results["recipe_vs_reference_task3"] = {n: e["vs_reference"]["task3"]["ratio"] for n, e in recipe.items()}
+        results["recipe_vs_reference_task3_min"] = {n: e["vs_reference"]["task3"]["min_ratio"] for n, e in recipe.items()}
+        results["recipe_levers_vs_default"] = {n: {k: v["ratio"] for k, v in e["levers"].items()}
+                                               for n, e in recipe.items()}
     if infer:
         per_case = {name: e["ratios"]["materialized"]["ratio"] for name, e in infer.items()}
         head = cfg.infer_headline if cfg.infer_headline in per_case else next(iter(per_case))
@@ -286,6 +309,10 @@ def summarize(cfg: BenchConfig, results: dict) -> None:
         results["frechet_speedup"] = results["frechet"]["frechet_speedup"]
         results["frechet_rel_diff"] = results["frechet"]["frechet_rel_diff"]
     results["targets"] = {
+        **{f"recipe_vs_reference_task3 {n} <= 0.80": _check(v, lambda v: v <= 0.80)
+           for n, v in results.get("recipe_vs_reference_task3", {}).items()},
+        **{f"train_recipe task3 / plain {n} <= 1.10": _check(v, lambda v: v <= 1.10)
+           for n, v in results.get("train_recipe_overhead_task3_per_case", {}).items()},
         "train_overhead_task3 <= 1.10": _check(results.get("train_overhead_task3"), lambda v: v <= 1.10),
         "infer_overhead <= 1.02": _check(results.get("infer_overhead"), lambda v: v <= 1.02),
         "frechet_speedup >= 5": _check(results.get("frechet_speedup"), lambda v: v >= 5),
@@ -305,6 +332,12 @@ def table(results: dict) -> str:
     lines.append(f"piggyback-gan benchmarks ({results['mode']}) on {env['device_name']} [{env['device']}], "
                  f"torch {env['torch']}, {env['threads']} threads, load {env.get('load_average_start')}")
     rows = []
+    for name, e in results.get("train_recipe", {}).items():   # first: ours against the straightforward iteration
+        t, r = e["timings"], e["vs_reference"]
+        rows.append([f"{e['info']['task3']['recipe']} iteration {name}, task 3 vs reference",
+                     f"reference {t['reference']['median_s'] * 1e3:.0f} ms",
+                     f"task3 {t['task3']['median_s'] * 1e3:.0f} ms",
+                     f"x{r['task3']['ratio']:.3f} (min x{r['task3']['min_ratio']:.3f})"])
     for name, e in results.get("train", {}).items():
         t, r = e["timings"], e["ratios"]
         rows.append([f"train step {name}", f"{t['plain']['median_s'] * 1e3:.0f} ms",
@@ -312,9 +345,9 @@ def table(results: dict) -> str:
                      f"task3 {t['task3']['median_s'] * 1e3:.0f} ms (x{r['task3']['ratio']:.3f})"])
     for name, e in results.get("train_recipe", {}).items():
         t, r = e["timings"], e["ratios"]
-        rows.append([f"{e['info']['plain']['recipe']} iteration {name}", f"{t['plain']['median_s'] * 1e3:.0f} ms",
-                     f"task1 {t['task1']['median_s'] * 1e3:.0f} ms (x{r['task1']['ratio']:.3f})",
-                     f"task3 {t['task3']['median_s'] * 1e3:.0f} ms (x{r['task3']['ratio']:.3f})"])
+        rows.append([f"{e['info']['task3']['recipe']} iteration {name}", f"plain {t['plain']['median_s'] * 1e3:.0f} ms",
+                     f"task3 {t['task3']['median_s'] * 1e3:.0f} ms (x{r['task3']['ratio']:.3f})",
+                     ", ".join(f"{k} x{v['ratio']:.2f}" for k, v in e["levers"].items())])
     for name, e in results.get("infer", {}).items():
         t, r = e["timings"], e["ratios"]
         rows.append([f"inference {name}", f"{t['plain']['median_s'] * 1e3:.1f} ms",

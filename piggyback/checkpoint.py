@@ -6,21 +6,25 @@ unpickled). Layout (docs/architecture.md, Checkpoints):
     probes.pt       optional {task: tensors} written by training, checked by the audit
     meta.json       format_version, config, method, per-bank lambdas, task records (counts, tensor
                     hashes), sha256 of every file, extra fields, and meta_sha256 (of its own content)
-Files are verified against meta.json before anything is unpickled; every failure is a CheckpointError
-naming the file.
+Files are verified against meta.json before anything is unpickled, and meta.json against a schema
+(types, ranges, task names) before anything is built from it; every failure is a CheckpointError naming
+the file and the field.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from .config import GENERATORS as NETS
+from .config import NORMS, RANGES, ConfigError, GeneratorConfig, check_lam, check_name, check_range
 from .fsutil import atomic_directory, atomic_write_json, sha256_file
-from .lifelong import LifelongModel, task_hash
-from .networks import GeneratorConfig
+from .lifelong import DIRECTIONS, METHODS, MODES, LifelongModel, task_hash
 from .snapshot import to_cpu
 
 FORMAT_VERSION = 1
@@ -44,6 +48,7 @@ def save_lifelong(model: LifelongModel, out_dir: str | Path, probes: Optional[di
     if model.pending is not None:
         raise RuntimeError(f"task {model.pending['name']!r} is not finished: call finish_task() before saving")
     meta = {"format_version": FORMAT_VERSION, **model.describe(), "extra": dict(extra_meta or {}), "files": {}}
+    check_meta({**meta, "files": {GENERATORS: "0" * 64}}, Path(out_dir) / META)  # names, ranges: before writing
     try:
         json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -71,7 +76,7 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a lifelong checkpoint folder?)")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(), parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON (truncated or edited?): {e}") from e
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
@@ -82,7 +87,93 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: key {key!r} is missing")
     if meta_digest(meta) != meta["meta_sha256"]:
         raise CheckpointError(f"{path}: content does not match its meta_sha256: the file was modified or damaged")
+    check_meta(meta, path)
     return meta
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")   # Python's json would read NaN / Infinity
+
+
+def _need(ok: Any, path: Path, field: str, problem: str) -> None:
+    if not ok:
+        raise CheckpointError(f"{path}: field {field}: {problem}")
+
+
+def _lam(value: Any, path: Path, field: str) -> None:
+    try:
+        check_lam(value, field)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: field {e}") from None
+
+
+def _check_config(cfg: Any, path: Path) -> None:
+    names = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    _need(isinstance(cfg, dict) and set(cfg) == names, path, "config", f"expected a mapping with keys {sorted(names)}")
+    _need(cfg["netG"] in NETS, path, "config.netG", f"{cfg['netG']!r} is not one of {list(NETS)}")
+    _need(cfg["norm"] in NORMS, path, "config.norm", f"{cfg['norm']!r} is not one of {list(NORMS)}")
+    _need(isinstance(cfg["use_dropout"], bool), path, "config.use_dropout", "not true/false")
+    for key in ("ngf", "input_nc", "output_nc"):
+        value = cfg[key]
+        _need(isinstance(value, int) and not isinstance(value, bool), path, f"config.{key}", f"{value!r} is not an integer")
+        try:
+            check_range(f"config.{key}", value, RANGES[f"ModelConfig.{key}"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: field {e}") from None
+    _lam(cfg["lam"], path, "config.lam")
+    _need(isinstance(cfg["lam_overrides"], dict), path, "config.lam_overrides", "not a mapping")
+    for name, lam in cfg["lam_overrides"].items():
+        _lam(lam, path, f"config.lam_overrides.{name}")
+
+
+def _check_task(r: Any, i: int, banks: dict, path: Path) -> None:
+    f = f"tasks[{i}]"
+    _need(isinstance(r, dict), path, f, "not a mapping")
+    try:
+        check_name("task name", r.get("name"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: field {f}.name: {e}") from None
+    _need(isinstance(r.get("mode"), str) and r["mode"] in MODES, path, f"{f}.mode", f"{r.get('mode')!r} is not one of {list(MODES)}")
+    _need(r.get("direction") in DIRECTIONS, path, f"{f}.direction", f"{r.get('direction')!r} is not one of {list(DIRECTIONS)}")
+    _need(r.get("dataset") is None or isinstance(r["dataset"], str), path, f"{f}.dataset", "not a string")
+    _need(r.get("finished") is True, path, f"{f}.finished", "a saved task must be finished")
+    index, hashes = r.get("index"), r.get("hashes")
+    _need(isinstance(index, dict) and set(index) == set(MODES[r["mode"]]), path, f"{f}.index",
+          f"expected slots for {list(MODES[r['mode']])}")
+    _need(isinstance(hashes, dict) and all(isinstance(h, str) for h in hashes.values()), path, f"{f}.hashes",
+          "not a mapping of generator to hash")
+    _need(isinstance(r.get("overwritten_by", {}), dict), path, f"{f}.overwritten_by", "not a mapping")
+    for which, slot in index.items():
+        ok = which in banks and isinstance(slot, int) and not isinstance(slot, bool) and 1 <= slot <= len(banks[which])
+        _need(ok, path, f"{f}.index.{which}", f"{slot!r} is not a slot of bank {which}")
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """Types, ranges and names of every field that rebuilding the model reads; CheckpointError names it."""
+    _check_config(meta["config"], path)
+    _need(meta["method"] in METHODS, path, "method", f"{meta['method']!r} is not one of {list(METHODS)}")
+    banks = meta["banks"]
+    _need(isinstance(banks, dict) and "G_A" in banks and set(banks) <= {"G_A", "G_B"}, path, "banks",
+          "expected a mapping with G_A (and optionally G_B)")
+    for which, slots in banks.items():
+        _need(isinstance(slots, list) and all(isinstance(s, dict) for s in slots), path, f"banks.{which}",
+              "expected a list of {layer: lambda}")
+        for t, lams in enumerate(slots):
+            for name, lam in lams.items():
+                _lam(lam, path, f"banks.{which}[{t}].{name}")
+    tasks = meta["tasks"]
+    _need(isinstance(tasks, list), path, "tasks", "expected a list of task records")
+    for i, record in enumerate(tasks):
+        _check_task(record, i, banks, path)
+    names = [r["name"] for r in tasks]
+    _need(len(set(names)) == len(names), path, "tasks", f"a task name is used twice: {names}")
+    files = meta["files"]
+    _need(isinstance(files, dict) and GENERATORS in files and set(files) <= {GENERATORS, PROBES}, path, "files",
+          f"expected {GENERATORS} (and optionally {PROBES})")
+    for name, digest in files.items():
+        _need(isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest), path, f"files.{name}",
+              "not a SHA-256")
+    _need(isinstance(meta.get("extra", {}), dict), path, "extra", "not a mapping")
 
 
 def verify_files(ckpt_dir: str | Path) -> list[Path]:
@@ -125,7 +216,7 @@ def load_lifelong(ckpt_dir: str | Path, map_location: Any = "cpu") -> LifelongMo
     state = _load_file(ckpt_dir, GENERATORS, meta, map_location)
     try:
         model = LifelongModel.from_description(meta)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"{ckpt_dir / META}: cannot rebuild the model: {e}") from e
     if not isinstance(state, dict) or set(state) != set(model.generators):
         raise CheckpointError(f"{ckpt_dir / GENERATORS}: holds generators {sorted(state) if isinstance(state, dict) else state!r}, "
@@ -133,7 +224,7 @@ def load_lifelong(ckpt_dir: str | Path, map_location: Any = "cpu") -> LifelongMo
     for which, net in model.generators.items():
         try:
             net.load_state_dict(state[which], strict=True)
-        except RuntimeError as e:
+        except (RuntimeError, TypeError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{ckpt_dir / GENERATORS}: {which} does not match meta.json: {e}") from e
     model.to(map_location)
     for record in model.tasks:                  # tensors must be exactly those each task finished with

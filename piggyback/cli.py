@@ -5,15 +5,77 @@ Utilities around the pipeline (whose hyperparameters live in params.yaml, not in
     piggyback import-reference latest_net_G.pth --netG resnet_9blocks --ngf 64 --out models/pretrained
     piggyback translate --checkpoint models/t3 --task facades --input DIR --output DIR
     piggyback check-params [params.yaml]
+
+Every expected failure (bad flag value, unreadable input, unwritable output, missing device) exits with
+status 2 and one line naming the input; a traceback means a bug.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
-from .config import GENERATORS, LAYER_GROUPS, NORMS
+from .config import GENERATORS, LAYER_GROUPS, NORMS, RANGES, ConfigError, check_range
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`piggyback: error: ...`), not the whole usage text."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _ranged(cast: Callable[[str], Any], bounds: tuple) -> Callable[[str], Any]:
+    """An argparse type: `cast` the text, then check it against `bounds` (a RANGES entry)."""
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {cast.__name__}") from None
+        try:
+            check_range(repr(text), value, bounds)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return parse
+
+
+_LAM = _ranged(float, RANGES["ModelConfig.lam"])
+
+
+def _check_device(text: Optional[str]) -> None:
+    """--device must name a device this machine has: a typo or a missing GPU is a usage error."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r}: not a device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {text!r}: no such CUDA device here ({torch.cuda.device_count()} available)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {text!r}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {text!r}: only cpu, cuda and mps are supported")
+
+
+def _check_output_dir(text: str) -> None:
+    """--output must be a folder we can create or write into; checked before any work."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {text}: exists and is not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--output {text}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {text}: {parent} is not writable")
 
 
 def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
@@ -21,8 +83,12 @@ def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
     for item in args.lam_override or []:
         name, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--lam-override {item!r}: expected NAME=VALUE (NAME: a layer group, {', '.join(LAYER_GROUPS)}, or a layer name)")
-        out[name] = float(value)
+            raise ValueError(f"--lam-override {item!r}: expected NAME=VALUE (NAME: a layer group, "
+                             f"{', '.join(LAYER_GROUPS)}, or a layer name)")
+        try:
+            out[name] = _LAM(value)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--lam-override {item!r}: lambda must be a number in (0, 1] ({e})") from None
     if args.last_lam is not None:
         out["last"] = args.last_lam
     return out
@@ -30,13 +96,14 @@ def _lam_overrides(args: argparse.Namespace) -> dict[str, float]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netG", choices=GENERATORS, default="resnet_9blocks")
-    p.add_argument("--ngf", type=int, default=64, help="filters of the first conv (default 64)")
+    p.add_argument("--ngf", type=_ranged(int, RANGES["ModelConfig.ngf"]), default=64,
+                   help="filters of the first conv (default 64)")
     p.add_argument("--norm", choices=NORMS, default=None,
                    help="default: instance for resnet_*, batch for unet_* (junyanz)")
-    p.add_argument("--input-nc", type=int, default=3)
-    p.add_argument("--output-nc", type=int, default=3)
-    p.add_argument("--lam", type=float, default=0.25, help="unconstrained fraction per task (default 0.25)")
-    p.add_argument("--last-lam", type=float, default=None, help="lambda of the output layer (e.g. 1.0 for U-Net)")
+    p.add_argument("--input-nc", type=_ranged(int, RANGES["ModelConfig.input_nc"]), default=3)
+    p.add_argument("--output-nc", type=_ranged(int, RANGES["ModelConfig.output_nc"]), default=3)
+    p.add_argument("--lam", type=_LAM, default=0.25, help="unconstrained fraction per task (default 0.25)")
+    p.add_argument("--last-lam", type=_LAM, default=None, help="lambda of the output layer (e.g. 1.0 for U-Net)")
     p.add_argument("--lam-override", action="append", metavar="NAME=VALUE",
                    help=f"per-layer lambda; NAME is a layer group ({', '.join(LAYER_GROUPS)}) or a layer name (repeatable)")
     p.add_argument("--method", choices=("piggyback", "separate", "finetune"), default="piggyback")
@@ -102,17 +169,19 @@ def _check_params(args: argparse.Namespace) -> int:
 def _translate(args: argparse.Namespace) -> int:
     from .translate import translate_folder   # imported only when used
 
+    _check_device(args.device)
+    _check_output_dir(args.output)
     translate_folder(args.checkpoint, args.task, args.input, args.output, which=args.which, device=args.device)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="piggyback", description="Piggyback GAN: lifelong image translation")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="piggyback", description="Piggyback GAN: lifelong image translation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("growth", help="parameter growth per task, computed without training")
     _add_model_args(p)
-    p.add_argument("--tasks", type=int, default=4)
+    p.add_argument("--tasks", type=_ranged(int, (1, 1000)), default=4)
     p.add_argument("--cyclegan", action="store_true", help="count G_A and G_B (doubles every count)")
     p.add_argument("--bias-everywhere", action="store_true",
                    help="count a per-task bias on every conv, as the public Piggyback code does")
@@ -150,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:   # config, checkpoint, image, file-system errors: all name their input
         print(f"piggyback {args.command}: error: {e}", file=sys.stderr)
         return 2
 

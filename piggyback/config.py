@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +20,18 @@ import yaml
 
 class ConfigError(ValueError):
     """A params.yaml value is missing, unknown or invalid; the message names the key."""
+
+
+# Names that become paths (data/raw/<key>, models/<task>) or shell words (`torchrun ... ${key}` in dvc.yaml).
+NAME_RULE = "1-64 characters among letters, digits, '_', '-' and '.', not starting with '.' or '-'"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(kind: str, value: Any) -> str:
+    """`value` if it is a safe name (NAME_RULE), else ConfigError naming `kind` (e.g. "datasets key")."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigError(f"{kind} {value!r}: not a valid name ({NAME_RULE})")
+    return value
 
 
 @dataclass(frozen=True)
@@ -157,6 +171,7 @@ class TrainConfig:
     amp: str = "none"                  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False
     batch_calls: bool = True           # One call for independent calls through a per-sample network (exact).
+    adam_impl: str = "foreach"         # foreach (exact, fast) | fused (float-equal) | loop (PyTorch's CPU default)
     log_every: int = 10                # Iterations between loss logs to MLflow.
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
     pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
@@ -216,9 +231,43 @@ CHOICES = {
     "Pix2PixConfig.gan_mode": {"lsgan", "vanilla"},
     "TrainConfig.method": {"piggyback", "separate", "finetune"},
     "TrainConfig.amp": {"none", "bf16", "fp16"},
+    "TrainConfig.adam_impl": {"foreach", "fused", "loop"},
     "TaskConfig.mode": {"cyclegan", "pix2pix"},
     "TaskConfig.direction": {"AtoB", "BtoA"},
 }
+
+
+# Inclusive bounds of every number in params.yaml (None: unbounded); "open" marks an excluded lower bound.
+# Floats must also be finite. tests/test_hostile_numbers.py checks that every numeric field is listed here.
+RANGES: dict[str, tuple] = {
+    "BaseConfig.seed": (0, 2**63 - 1),
+    "DatasetConfig.size": (1, 4096), "DatasetConfig.n_train": (1, None), "DatasetConfig.n_test": (1, None),
+    "DatasetConfig.resize": (1, 16384), "DatasetConfig.load_size": (1, 16384), "DatasetConfig.crop_size": (1, 16384),
+    "DataConfig.load_size": (1, 16384), "DataConfig.crop_size": (1, 16384), "DataConfig.num_workers": (0, 256),
+    "DataConfig.max_download_bytes": (1, None), "DataConfig.download_timeout": (0, 86400, "open"),
+    "DataConfig.download_retries": (1, 100),
+    "ModelConfig.ngf": (1, 4096), "ModelConfig.ndf": (1, 4096), "ModelConfig.n_layers_D": (1, 10),
+    "ModelConfig.input_nc": (1, 64), "ModelConfig.output_nc": (1, 64), "ModelConfig.lam": (0, 1, "open"),
+    "CycleGANConfig.lambda_A": (0, None), "CycleGANConfig.lambda_B": (0, None),
+    "CycleGANConfig.lambda_identity": (0, None), "CycleGANConfig.pool_size": (0, None),
+    "Pix2PixConfig.lambda_L1": (0, None), "Pix2PixConfig.pool_size": (0, None),
+    "TrainConfig.epochs": (0, None), "TrainConfig.epochs_decay": (0, None), "TrainConfig.batch_size": (1, None),
+    "TrainConfig.lr": (0, 1, "open"), "TrainConfig.beta1": (0, 0.999999), "TrainConfig.beta2": (0, 0.999999),
+    "TrainConfig.nproc": (1, 1024), "TrainConfig.snapshot_every": (0, None), "TrainConfig.probe_images": (1, 1024),
+    "TrainConfig.max_steps": (0, None), "TrainConfig.log_every": (1, None),
+    "TaskConfig.epochs": (0, None), "TaskConfig.epochs_decay": (0, None), "TaskConfig.lam": (0, 1, "open"),
+    "EvalConfig.batch_size": (1, None), "EvalConfig.kid_subsets": (1, None), "EvalConfig.kid_subset_size": (1, None),
+    "EvalConfig.num_test": (0, None), "EvalConfig.grid_images": (0, 1024),
+}
+
+
+def check_range(key: str, value: Any, bounds: tuple) -> None:
+    """ConfigError naming `key` when the number `value` is not finite or outside `bounds` (see RANGES)."""
+    lo, hi, *open_ = bounds
+    low_ok = value > lo if open_ else value >= lo
+    if not math.isfinite(value) or not low_ok or (hi is not None and value > hi):
+        span = f"{'(' if open_ else '['}{lo}, {'inf)' if hi is None else f'{hi}]'}"
+        raise ConfigError(f"{key}: must be a finite number in {span}, got {value!r}")
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -263,6 +312,9 @@ def build(cls: type, data: Any, key: str) -> Any:
         allowed = CHOICES.get(f"{cls.__name__}.{f.name}")
         if allowed and value is not None and value not in allowed:
             raise ConfigError(f"{sub}: {value!r} is not one of {sorted(allowed)}")
+        bounds = RANGES.get(f"{cls.__name__}.{f.name}")
+        if bounds and value is not None:
+            check_range(sub, value, bounds)
         kwargs[f.name] = value
     try:
         obj = cls(**kwargs)
@@ -275,21 +327,13 @@ def build(cls: type, data: Any, key: str) -> Any:
 
 
 def _validate(obj: Any, key: str) -> None:
-    positive = {
-        "DataConfig": ["load_size", "crop_size"],
-        "ModelConfig": ["ngf", "ndf", "n_layers_D", "input_nc", "output_nc"],
-        "TrainConfig": ["batch_size", "nproc", "probe_images"],
-        "EvalConfig": ["batch_size", "kid_subsets", "kid_subset_size"],
-        "DatasetConfig": ["size", "n_train", "n_test"],
-    }
-    for name in positive.get(type(obj).__name__, []):
-        if getattr(obj, name) <= 0:
-            raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(obj, name)!r}")
-    if isinstance(obj, TaskConfig) and obj.lam is not None:
-        try:
-            check_lam(obj.lam, f"{key}.lam")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    """Checks across fields, and of values the type table cannot express (hashes, URLs). Numbers are checked
+    against RANGES in `build`; lambdas and their overrides by GeneratorConfig itself."""
+    if isinstance(obj, DatasetConfig):
+        if obj.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", obj.sha256):
+            raise ConfigError(f"{key}.sha256: expected 64 hex digits (a SHA-256), got {obj.sha256!r}")
+        if obj.url is not None and urllib.parse.urlsplit(obj.url).scheme.lower() not in ("http", "https"):
+            raise ConfigError(f"{key}.url: only http:// and https:// URLs are downloaded, got {obj.url!r}")
     if isinstance(obj, DataConfig) and obj.load_size < obj.crop_size:
         raise ConfigError(f"{key}.load_size ({obj.load_size}) must be >= {key}.crop_size ({obj.crop_size})")
     if isinstance(obj, TrainConfig) and (obj.epochs < 0 or obj.epochs_decay < 0 or obj.epochs + obj.epochs_decay == 0):
@@ -322,12 +366,12 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     unknown = sorted(set(raw) - sections)
     if unknown:
         raise ConfigError(f"Unknown config key: {unknown[0]} in {source} (sections: {', '.join(sorted(sections))})")
-    datasets = {k: build(DatasetConfig, v, f"datasets.{k}") for k, v in (raw.get("datasets") or {}).items()}
+    datasets = {_check_key("datasets", k): build(DatasetConfig, v, f"datasets.{k}")
+                for k, v in _section(raw, "datasets").items()}
     tasks = {}
-    for tid, v in (raw.get("tasks") or {}).items():
-        tid = str(tid)
-        if not tid or any(c in tid for c in ".@ /") or tid == "init":
-            raise ConfigError(f"tasks.{tid}: task ids must be non-empty, not 'init', without '.', '@', '/' or spaces")
+    for tid, v in _section(raw, "tasks").items():
+        if _check_key("tasks", tid) == "init":
+            raise ConfigError("tasks key 'init': reserved for the empty model that the first task starts from")
         tasks[tid] = build(TaskConfig, v, f"tasks.{tid}")
         if tasks[tid].dataset not in datasets:
             raise ConfigError(f"tasks.{tid}.dataset: {tasks[tid].dataset!r} is not a key of `datasets`")
@@ -342,9 +386,30 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         mlflow=build(MlflowConfig, raw.get("mlflow"), "mlflow"),
     )
     task_order(p.tasks)
+    for tid in p.tasks:
+        r = task_recipe(p, tid)
+        if r.epochs + r.epochs_decay == 0:
+            raise ConfigError(f"tasks.{tid}.epochs / epochs_decay: the task would train 0 epochs "
+                              f"({r.epochs} + {r.epochs_decay}, after train.epochs / train.epochs_decay)")
     for key in p.datasets:
         dataset_data(p, key)   # per-dataset sizes checked like data.*
     return p
+
+
+def _section(raw: dict, name: str) -> dict:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys to settings, got {value!r}")
+    return value
+
+
+def _check_key(section: str, key: Any) -> str:
+    """Dataset keys and task ids: safe names, and without '.', since dvc.yaml reads `<section>.<key>`."""
+    check_name(f"{section} key", key)
+    if "." in key:
+        raise ConfigError(f"{section} key {key!r}: dataset keys and task ids may not hold '.' "
+                          f"(dvc.yaml reads their params as {section}.<key>)")
+    return key
 
 
 def dataset_data(p: Params, dataset: str) -> DataConfig:
@@ -367,10 +432,33 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); is it the right file?") from e
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return parse_params(raw or {}, str(path))
+    try:
+        return parse_params(raw or {}, str(path))
+    except ConfigError as e:
+        if str(path) in str(e):
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 @dataclass(frozen=True)

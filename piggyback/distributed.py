@@ -144,7 +144,7 @@ def check_replicas_agree(nets: dict, what: str = "parameters") -> bool:
     """Raise if any rank's parameters differ from rank 0's (stylegan's check_ddp_consistency).
 
     DDP keeps replicas identical bit for bit (same averaged gradients, same optimiser steps); a
-    difference means gradients were not synchronised (bug B4) and the checkpoint would be rank 0's alone.
+    difference means gradients were not synchronised (docs/method.md, "DDP bypass") and the checkpoint would be rank 0's alone.
     """
     if not is_distributed():
         return True

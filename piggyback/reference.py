@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .accounting import default_norm
+from .config import check_name
 from .layers import PIGGYBACK_LAYERS
 from .lifelong import LifelongModel
 from .networks import GeneratorConfig
@@ -95,6 +96,7 @@ def import_reference_model(
 ) -> LifelongModel:
     """A LifelongModel whose finished task 1 is the pretrained generator(s): G_A only (pix2pix-like task)
     or G_A and G_B (a CycleGAN pair)."""
+    check_name("task name", name)           # it becomes a path in reports and a key in params
     if "G_A" not in sources or set(sources) - {"G_A", "G_B"}:
         raise ValueError(f"sources: expected keys 'G_A' and optionally 'G_B', got {sorted(sources)}")
     sds = {w: read_state_dict(s) for w, s in sources.items()}

@@ -4,6 +4,10 @@ A snapshot holds a `TrainState` (piggyback/trainstate.py: networks, optimisers, 
 scaler, counters and, for every rank, its RNG states, image pools and loss sums, gathered to rank 0,
 which alone writes), the MLflow run id and the fingerprint of the settings. It is one file, `models/.snapshots/<task>/snapshot.pt`, replaced atomically and
 loadable with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts only.
+
+A snapshot of other settings is stale and ignored (stages/train.py). A damaged one (truncated, edited,
+not a snapshot) is never silently dropped, since it may hold hours of training: `load` raises a
+SnapshotError that names the file to delete to start the task over.
 """
 from __future__ import annotations
 
@@ -25,10 +29,19 @@ from piggyback.fsutil import atomic_torch_save
 FORMAT = 1
 FILE = "snapshot.pt"
 LOCK = "trainer.lock"
+# Fields of a snapshot and their types: checked before training reads any of them.
+_FIELDS = {"format": int, "task": str, "fingerprint": str, "world_size": int, "epoch": int, "done": int, "step": int,
+           "history": list, "timer": dict, "nets": dict, "optimizers": dict, "schedulers": dict, "scaler": dict,
+           "ranks": list}
+_RANK_FIELDS = {"rng": dict, "pools": dict, "sums": dict}
 
 
 class TrainerBusy(RuntimeError):
     """Another live process is training the same task (it holds the task's lock)."""
+
+
+class SnapshotError(ValueError):
+    """A snapshot exists but is damaged; the message says which file to delete."""
 
 
 def snapshot_dir(models_dir: str | Path, task: str) -> Path:
@@ -60,13 +73,26 @@ def save(directory: str | Path, state: dict) -> Path:
 
 
 def load(directory: str | Path) -> Optional[dict]:
-    """The snapshot in `directory`, or None when there is none."""
+    """The snapshot in `directory`, or None when there is none; SnapshotError when it is damaged."""
     path = Path(directory) / FILE
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT:
-        raise RuntimeError(f"{path}: snapshot format {state.get('format')!r} is not {FORMAT}; delete it to start over")
+    advice = f"delete {path} to start the task over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, refused global: all mean "damaged"
+        raise SnapshotError(f"{path}: damaged snapshot, cannot be read ({type(e).__name__}); {advice}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise SnapshotError(f"{path}: snapshot format {got!r} is not {FORMAT}; {advice}")
+    for fields, where in [(_FIELDS, state)] + [(_RANK_FIELDS, r) for r in state.get("ranks") or []]:
+        for key, tp in fields.items():
+            value = where.get(key) if isinstance(where, dict) else None
+            if not isinstance(value, tp) or isinstance(value, bool):
+                raise SnapshotError(f"{path}: damaged snapshot, field {key!r} is {type(value).__name__}, "
+                                    f"expected {tp.__name__}; {advice}")
+    if len(state["ranks"]) != state["world_size"] or min(state["epoch"], state["done"], state["step"]) < 0:
+        raise SnapshotError(f"{path}: damaged snapshot, inconsistent counters or ranks; {advice}")
     return state
 
 

@@ -88,7 +88,7 @@ class TrainState:
         if cfg.channels_last:
             for n in nets.values():
                 n.to(memory_format=torch.channels_last)
-        adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **models.adam_options(cfg.adam_impl))
         opt = {"G": torch.optim.Adam([p for g in G.values() for p in task_parameters(g)], **adam),
                "D": torch.optim.Adam([p for d in Ds.values() for p in d.parameters()], **adam)}
         sched = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(recipe.epochs, recipe.epochs_decay))

@@ -108,7 +108,7 @@ def _check_sizes(files: list[Path], netG: str) -> None:
         try:
             with Image.open(p) as img:
                 w, h = ImageOps.exif_transpose(img).size
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:   # a bomb: too many pixels to decode safely
             raise ValueError(f"{p}: not a readable image ({e})") from e
         if w % multiple or h % multiple or min(w, h) < minimum:
             bad.append(f"{p.name} ({w}x{h})")

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from piggyback.config import ConfigError, load_params
+from piggyback.config import ConfigError, check_name, load_params
 from piggyback.data.download import fetch_dataset
 
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
+        check_name("dataset key", args.dataset)   # before it is used in any path
         params = load_params(args.params)
         if args.dataset not in params.datasets:
             raise ConfigError(f"datasets.{args.dataset}: no such dataset in {args.params} "

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from piggyback.config import ConfigError, load_params
+from piggyback.config import ConfigError, check_name, load_params
 from piggyback.data.prepare import list_images, prepare_dataset
 
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
+        check_name("dataset key", args.dataset)   # before it is used in any path
         params = load_params(args.params)
         if args.dataset not in params.datasets:
             raise ConfigError(f"datasets.{args.dataset}: no such dataset in {args.params}")

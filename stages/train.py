@@ -66,6 +66,7 @@ def _launch(nproc: int, argv: list[str], task: str) -> None:
     with tempfile.TemporaryDirectory(prefix="piggyback-train-") as messages:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "stages.train", *argv]
+        supervise.set_parent_death_signal()   # dvc killed: stop too (torchrun and its workers follow)
         code = supervise.launch(cmd, env={**os.environ, MESSAGES: messages})
         if code == 0:
             return

@@ -40,6 +40,11 @@ def test_tiny_benchmark_writes_complete_results(tmp_path, capsys):
     assert train["trainable_params"]["task3"] < train["trainable_params"]["plain"]
     recipe = data["train_recipe"]["resnet_9blocks@32"]
     assert recipe["info"]["task3"]["recipe"] == "cyclegan" and _positive(recipe["ratios"]["task3"]["ratio"])
+    assert recipe["info"]["reference"]["implementation"] == "benchmarks/reference.py"
+    assert _positive(data["recipe_vs_reference_task3"]["resnet_9blocks@32"])
+    assert "recipe_vs_reference_task3 resnet_9blocks@32 <= 0.80" in data["targets"]
+    assert recipe["info"]["task3_unbatched"]["batch_calls"] is False
+    assert _positive(data["recipe_levers_vs_default"]["resnet_9blocks@32"]["unbatched"])
     infer = data["infer"]["resnet_9blocks@32"]
     assert infer["max_abs_diff_vs_plain"] < 1e-5 and _positive(infer["ratios"]["materialized"]["ratio"])
 

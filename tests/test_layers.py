@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from piggyback import PiggybackConv2d, PiggybackConvTranspose2d, TaskBatchNorm2d
-from piggyback.layers import compose_weight, num_unconstrained
+from piggyback.layers import cheaper_order, compose_weight, num_unconstrained
+from piggyback.taskmodule import TaskModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -247,3 +248,22 @@ def test_frozen_tasks_stay_bit_exact_in_the_mix_outputs_order(transposed, order)
         layer.add_task(0.75)
         after = [layer.set_task(t) or layer(x) for t in (2, 3)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_cheaper_order_is_the_documented_cost_model():
+    """compose = p*N*d + n*c, mix outputs = (m + N)*c + p*N*o (docs/method.md); ties go to composing."""
+    n, p, n_bank, d = 8, 6, 8, 27                                   # compose = 1296 + 8c, mix = 10c + 48o
+    assert cheaper_order(n, p, n_bank, d, per_filter=100, out_pixels=10) == "mix_outputs"   # 2096 vs 1480
+    assert cheaper_order(n, p, n_bank, d, per_filter=1000, out_pixels=10) == "compose"      # 9296 vs 10480
+    assert cheaper_order(n, p, n_bank, d, per_filter=480, out_pixels=7) == "compose"        # 5136 vs 5136
+
+
+def test_task_bookkeeping_is_written_once():
+    """Layers and per-task norms share one implementation of the task operations and the state accessor."""
+    for cls in (PiggybackConv2d, PiggybackConvTranspose2d, TaskBatchNorm2d):
+        assert issubclass(cls, TaskModule)
+        for name in ("add_task", "freeze", "thaw", "set_task", "task_state"):
+            assert getattr(cls, name) is getattr(TaskModule, name), f"{cls.__name__}.{name}"
+    with pytest.raises(ValueError, match="needs its lambda"):
+        _grow(PiggybackConv2d(3, 4, 3), [None, None])
+

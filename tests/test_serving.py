@@ -106,6 +106,15 @@ def store(tmp_path_factory, checkpoint):
     return params, summary
 
 
+def registry(params):
+    """A client of the test store's registry (never MLflow's process-global one)."""
+    import mlflow
+
+    from piggyback.tracking import tracking_uri
+
+    return mlflow.MlflowClient(tracking_uri(params.mlflow), registry_uri=tracking_uri(params.mlflow))
+
+
 def pipeline_run(params):
     from piggyback import tracking
 
@@ -138,13 +147,11 @@ def served(store, published):
 def test_registered_version_with_tags_signature_and_links(store, published, served, checkpoint):
     from piggyback.checkpoint import read_meta
     from piggyback.publish import requirements
-    from piggyback.tracking import tracking_uri
 
     params, summary = store
     uri, tr = published
     assert uri == "models:/piggyback-gan/1"
-    uri_ = tracking_uri(params.mlflow)
-    client = __import__("mlflow").MlflowClient(uri_, registry_uri=uri_)
+    client = registry(params)
     v = client.get_model_version("piggyback-gan", "1")
     assert v.run_id == tr.run_id
     assert v.tags["tasks"] == "p:pix2pix,c:cyclegan" and v.tags["method"] == "piggyback"
@@ -177,6 +184,23 @@ def test_same_checkpoint_makes_no_new_version_and_a_new_one_does(store, publishe
     assert publish_model(params, dict(summary, final_checkpoint=str(other)), tr.run_id) \
         == "models:/piggyback-gan/2"
     tr.end("FINISHED")
+
+
+def test_null_registered_model_logs_the_model_without_registering(store, published):
+    from dataclasses import replace
+
+    from piggyback.publish import publish_model
+
+    params, summary = store
+    params = replace(params, mlflow=replace(params.mlflow, registered_model=None))
+    tr = pipeline_run(params)
+    before = len(registry(params).search_model_versions("name = 'piggyback-gan'"))
+    assert before >= 1
+    uri = publish_model(params, summary, tr.run_id)
+    tr.end("FINISHED")
+    (logged,) = tr.client.get_run(tr.run_id).outputs.model_outputs
+    assert uri == f"models:/{logged.model_id}"
+    assert len(registry(params).search_model_versions("name = 'piggyback-gan'")) == before
 
 
 def test_predictions_equal_piggyback_translate(served, checkpoint, tmp_path):

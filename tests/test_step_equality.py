@@ -20,7 +20,7 @@ from piggyback import lifelong
 from piggyback.config import CycleGANConfig, Pix2PixConfig
 from piggyback.discriminators import build_discriminator
 from piggyback.losses import GANLoss
-from piggyback.models import Precision, cyclegan, per_sample, pix2pix
+from piggyback.models import ADAM_IMPLS, Precision, adam_options, cyclegan, per_sample, pix2pix
 from piggyback.networks import GeneratorConfig, build_generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -167,3 +167,21 @@ def test_per_sample_networks():
     assert not per_sample(_generator("unet_128", "batch", False, 0))                     # TaskBatchNorm2d
     dropout = _generator("resnet_6blocks", "instance", True, 0)
     assert not per_sample(dropout) and per_sample(dropout.eval())                       # masks drawn per call
+
+
+def test_foreach_adam_is_bit_identical_to_the_loop_and_fused_is_float_equal():
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(50, 37, generator=g), torch.randn(64, generator=g)]
+    params = {impl: [p.clone().requires_grad_() for p in start] for impl in ADAM_IMPLS}
+    opts = {impl: torch.optim.Adam(ps, lr=2e-4, betas=(0.5, 0.999), **adam_options(impl)) for impl, ps in params.items()}
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in start]
+        for impl, ps in params.items():
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+            opts[impl].step()
+    assert all(torch.equal(a, b) for a, b in zip(params["foreach"], params["loop"]))
+    for a, b in zip(params["fused"], params["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="adam_impl"):
+        adam_options("lamb")

@@ -134,20 +134,22 @@ def test_clear_errors_before_training(tmp_path, case, expected):
 def test_per_dataset_crop_size_reaches_the_training_transform(tmp_path):
     """datasets.<key>.crop_size / load_size override data.* for that dataset's tasks: the batches the
     training loop draws, the probes and the MLflow params are at the dataset's size."""
-    from argparse import Namespace
-
-    from stages.train import _setup, _tracked_params
+    from piggyback.config import load_params
+    from piggyback.training import TaskPaths, _load_inputs, _tracked_params
 
     data = make_data(tmp_path, ["daynight"])
-    params = write_params(tmp_path / "params.yaml", CYCLE, datasets={"daynight": {
+    path = write_params(tmp_path / "params.yaml", CYCLE, datasets={"daynight": {
         "source": "embedded", "kind": "daynight", "size": 32, "crop_size": 24, "load_size": 28}})
-    run_init(params, tmp_path / "models")
-    setup = _setup(Namespace(params=str(params), data=str(data)), "t1", tmp_path / "models", world=1)
-    setup["loader"].dataset.set_epoch(0)
-    batch = next(iter(setup["loader"]))
+    models = tmp_path / "models"
+    run_init(path, models)
+    params = load_params(path)
+    inputs = _load_inputs(params, "t1", TaskPaths(prev=models / "init", data=data / "daynight", out=models / "t1",
+                                                  metrics=tmp_path / "metrics", models=models))
+    inputs.loader.dataset.set_epoch(0)
+    batch = next(iter(inputs.loader))
     assert batch["A"].shape[-2:] == (24, 24) and batch["B"].shape[-2:] == (24, 24)   # data.crop_size is 32
-    assert setup["inputs"]["G_A"].shape[-2:] == (24, 24)
-    tracked = _tracked_params(setup["params"], "t1", 1)
+    assert inputs.probe_inputs["G_A"].shape[-2:] == (24, 24)
+    tracked = _tracked_params(params, "t1", 1)
     assert (tracked["data.crop_size"], tracked["data.load_size"]) == (24, 28)
 
 

@@ -4,7 +4,8 @@ The Berkeley servers publish no checksums: the SHA-256 of the first download is 
 beside the archive (``data/downloads/<file>.sha256``, sha256sum format) and checked whenever the archive is
 used again; a hash pinned in params.yaml (``datasets.<key>.sha256``) is checked too. Downloads stream
 into ``<file>.part`` and resume it with an HTTP Range request, retry with exponential backoff, and fail
-after `timeout` seconds without data. Offline, they fail at once with the URL and the path where the
+after `timeout` seconds without data. Only http(s) URLs are fetched, and a download is stopped as soon as it
+passes `data.max_download_bytes` (a missing or lying Content-Length does not help). Offline, they fail at once with the URL and the path where the
 archive can be put by hand; an archive found there is used (and hashed) instead of downloading.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
@@ -22,9 +24,9 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from piggyback.config import DataConfig, DatasetConfig
+from piggyback.config import DataConfig, DatasetConfig, check_name
 from piggyback.data import cityscapes, embedded
-from piggyback.data.archive import safe_extract
+from piggyback.data.archive import ArchiveError, UnsafeArchiveError, safe_extract
 from piggyback.data.prepare import PAIRED_SPLITS, UNPAIRED_SPLITS, detect_layout
 from piggyback.data.registry import archive_filename, lookup
 from piggyback.fsutil import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
@@ -70,7 +72,13 @@ class _Retry(Exception):
     """A transient failure (short read, 5xx); the partial file is kept for the next attempt."""
 
 
-def _attempt(url: str, part: Path, timeout: float, desc: str) -> None:
+def _too_large(url: str, part: Path, size: int, max_bytes: int) -> DownloadError:
+    part.unlink(missing_ok=True)
+    return DownloadError(f"{url} is larger than data.max_download_bytes ({size} > {max_bytes} bytes); the download "
+                         "was stopped and deleted. Raise data.max_download_bytes in params.yaml if the file is trusted")
+
+
+def _attempt(url: str, part: Path, timeout: float, desc: str, max_bytes: Optional[int] = None) -> None:
     """One request; continues `part` with a Range request when it exists. Returns when `part` is complete."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
@@ -98,30 +106,39 @@ def _attempt(url: str, part: Path, timeout: float, desc: str) -> None:
             mode, offset = "wb", 0
         length = resp.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
+        if max_bytes is not None and length is not None and offset + length > max_bytes:
+            raise _too_large(url, part, offset + length, max_bytes)
         got = 0
         with open(part, mode) as f, tqdm(total=None if length is None else offset + length, initial=offset,
                                          unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                                          disable=None, leave=False) as bar:
             while block := resp.read(CHUNK):
-                f.write(block)
                 got += len(block)
+                if max_bytes is not None and offset + got > max_bytes:
+                    f.close()
+                    raise _too_large(url, part, offset + got, max_bytes)
+                f.write(block)
                 bar.update(len(block))
     if length is not None and got < length:
         raise _Retry(f"connection closed after {offset + got} of {offset + length} bytes")
 
 
 def download_file(url: str, dest: str | Path, timeout: float = 60.0, retries: int = 4,
-                  sha256: Optional[str] = None, backoff: float = 1.0) -> str:
+                  sha256: Optional[str] = None, backoff: float = 1.0, max_bytes: Optional[int] = None) -> str:
     """Stream `url` to `dest` through ``dest.part`` (resumed with Range); return the file's SHA-256.
 
     Args:
         timeout: seconds without data (connect or read) before an attempt fails.
         retries: attempts in all; the wait between attempts doubles from `backoff` seconds.
         sha256: expected hex digest; on mismatch the download is deleted and ChecksumError raised.
+        max_bytes: stop (and delete the download) once it is larger than this.
 
     Raises:
         OfflineError (at once), DownloadTimeoutError, ChecksumError, DownloadError.
     """
+    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+        raise DownloadError(f"{url}: only http:// and https:// URLs are downloaded; put a local archive at {dest} "
+                            "by hand, or use source: folder")
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +147,7 @@ def download_file(url: str, dest: str | Path, timeout: float = 60.0, retries: in
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
         try:
-            _attempt(url, part, timeout, desc=dest.name)
+            _attempt(url, part, timeout, desc=dest.name, max_bytes=max_bytes)
             last = None
             break
         except DownloadError as e:
@@ -163,7 +180,8 @@ def _read_record(record: Path) -> Optional[str]:
 
 
 def fetch_archive(url: str, downloads_dir: str | Path = "data/downloads", timeout: float = 60.0, retries: int = 4,
-                  sha256: Optional[str] = None, backoff: float = 1.0) -> tuple[Path, str]:
+                  sha256: Optional[str] = None, backoff: float = 1.0,
+                  max_bytes: Optional[int] = None) -> tuple[Path, str]:
     """Download `url` into `downloads_dir` unless it is already there; return (path, SHA-256).
 
     A file already present (from an earlier run, or put there by hand) is hashed and checked against
@@ -180,7 +198,8 @@ def fetch_archive(url: str, downloads_dir: str | Path = "data/downloads", timeou
                 raise ChecksumError(f"{dest}: SHA-256 {digest} differs from {expected} recorded in {origin}; "
                                     f"the file is corrupt or not the one from {url}. Delete it to download again.")
     else:
-        digest = download_file(url, dest, timeout, retries, sha256=pinned or recorded, backoff=backoff)
+        digest = download_file(url, dest, timeout, retries, sha256=pinned or recorded, backoff=backoff,
+                               max_bytes=max_bytes)
     if recorded != digest:
         atomic_write_text(record, f"{digest}  {dest.name}\n")
     return dest, digest
@@ -202,7 +221,7 @@ def _copy_folder(src: Path, dest: Path) -> str:
 def fetch_dataset(key: str, ds: DatasetConfig, data: DataConfig, seed: int = 0, raw_root: str | Path = "data/raw",
                   downloads_dir: str | Path = "data/downloads", backoff: float = 1.0) -> dict:
     """Materialise dataset `key` in ``raw_root/key`` (it appears whole or not at all); return a summary."""
-    dest = Path(raw_root) / key
+    dest = Path(raw_root) / check_name("datasets key", key)
     info: dict = {"dataset": key, "source": ds.source}
     if ds.source == "embedded":
         if not ds.kind:
@@ -212,7 +231,7 @@ def fetch_dataset(key: str, ds: DatasetConfig, data: DataConfig, seed: int = 0, 
     elif ds.source in ("cyclegan", "pix2pix"):
         spec = lookup(ds.source, ds.name or key, ds.url)
         archive, digest = fetch_archive(spec.url, downloads_dir, data.download_timeout, data.download_retries,
-                                        sha256=ds.sha256, backoff=backoff)
+                                        sha256=ds.sha256, backoff=backoff, max_bytes=data.max_download_bytes)
         info.update(url=spec.url, archive=str(archive), sha256=digest)
 
         def finalize(root: Path) -> None:  # runs on the extracted folder before it becomes `dest`
@@ -222,7 +241,12 @@ def fetch_dataset(key: str, ds: DatasetConfig, data: DataConfig, seed: int = 0, 
                 raise ValueError(f"{archive} (from {spec.url}) does not hold a {spec.layout} dataset: {e}") from e
             atomic_write_json(root / "source.json", info)
 
-        safe_extract(archive, dest, data.max_download_bytes, overwrite=True, finalize=finalize)
+        try:
+            safe_extract(archive, dest, data.max_download_bytes, overwrite=True, finalize=finalize)
+        except ArchiveError as e:
+            if not isinstance(e, UnsafeArchiveError):   # damaged: its recorded hash must not vouch for it
+                archive.with_name(archive.name + ".sha256").unlink(missing_ok=True)
+            raise
     elif ds.source == "cityscapes":
         folder = ds.path or cityscapes.DEFAULT_DIR
         info.update(zips=folder, counts=cityscapes.build_cityscapes(folder, dest, max_bytes=data.max_download_bytes))
