@@ -3,7 +3,7 @@
 Checks what a user relies on: the summary table (finite ground-truth metrics, growth equal to the
 checkpoint metadata, zero forgetting), the MLflow store (pipeline run with its table, per-task runs),
 and DVC's caching (a second repro runs nothing; changing one task re-runs that task and its
-successors only; adding a task runs only its stages plus audit and report).
+successors only; adding a task runs only its stages plus audit, matrix and report).
 """
 from __future__ import annotations
 
@@ -112,7 +112,8 @@ def test_summary_table(repo, first_repro):
     assert stored[0] < stored[1] < stored[2] < summary["tasks"][-1]["separate_params"] * 3
     rows = [line for line in (repo / "metrics/summary.md").read_text().splitlines() if re.match(r"\| t\d+ \|", line)]
     assert [line.count("|") for line in rows] == [14] * 3 + [12] * 3   # the table, then the do-nothing reference
-    for png in ("growth.png", "quality.png", "samples.png", "comparison.png"):
+    assert summary["matrix"]["summary"]["l1"]["bwt"] == 0.0 and summary["matrix"]["evaluated"] == 0   # nothing drifts
+    for png in ("growth.png", "quality.png", "samples.png", "comparison.png", "matrix.png"):
         assert (repo / "metrics" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -201,14 +202,14 @@ def test_registered_model_served_over_rest(repo, first_repro, tmp_path):
 
 def test_exp_run_changing_one_task_reruns_it_and_its_successors(repo, first_repro):
     ran = _ran(_run(["dvc", "exp", "run", "-n", "t2-longer", "-S", "tasks.t2.epochs=2"], repo))
-    assert ran == {"train@t2", "train@t3", "evaluate@t2", "evaluate@t3", "audit", "report"}
+    assert ran == {"train@t2", "train@t3", "evaluate@t2", "evaluate@t3", "audit", "matrix", "report"}
     assert json.loads((repo / "metrics/train/t2.json").read_text())["epochs"] == 3   # 2 + 1 decay
 
 
 def test_exp_run_adding_a_task_runs_only_its_stages(repo, first_repro):
     ran = _ran(_run(["dvc", "exp", "run", "-n", "four-tasks", "-S",
                      "+tasks.t4={dataset:emb_a,prev:t3,mode:cyclegan}"], repo))
-    assert ran == {"train@t4", "evaluate@t4", "audit", "report"}
+    assert ran == {"train@t4", "evaluate@t4", "audit", "matrix", "report"}
     summary = json.loads((repo / "metrics/summary.json").read_text())
     assert [r["name"] for r in summary["tasks"]] == ["t1", "t2", "t3", "t4"]
     assert summary["tasks"][3]["forgetting_exact"] is True
