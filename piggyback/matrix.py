@@ -132,18 +132,20 @@ def matrix_figure(matrices: list[dict], path: Union[str, Path], metric: str = "l
     cmap = "viridis_r" if LOWER_IS_BETTER[metric] else "viridis"
     values = [v for mx in matrices for row in mx["metrics"][metric] for v in row if v is not None]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    for ax, mx in zip(axes[0], matrices):
+    for k, (ax, mx) in enumerate(zip(axes[0], matrices)):
         r, names = mx["metrics"][metric], mx["tasks"]
         grid = np.array([[np.nan if v is None else v for v in row] for row in r], dtype=float)
         im = ax.imshow(grid, cmap=cmap, vmin=lo, vmax=hi)
         for i, row in enumerate(r):
             for j, v in enumerate(row):
-                if v is not None:
-                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8, color="white")
+                if v is not None:   # dark text on the light (yellow) end of the colour map
+                    frac = (v - lo) / ((hi - lo) or 1.0)
+                    light = frac < 0.5 if LOWER_IS_BETTER[metric] else frac > 0.5
+                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8, color="black" if light else "white")
         bwt = mx["summary"][metric]["bwt"]
         ax.set(title=f"{mx['method']}: BWT {'n/a' if bwt is None else f'{bwt:+.3g}'}", xticks=range(len(names)),
                yticks=range(len(names)), xticklabels=names, yticklabels=names,
-               xlabel="task scored (j)", ylabel="checkpoint after task (i)")
+               xlabel="task scored (j)", ylabel="checkpoint after task (i)" if k == 0 else "")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=metric.upper() + (" (lower is better)"
                                                                              if LOWER_IS_BETTER[metric] else ""))
     with atomic_path(path) as tmp:

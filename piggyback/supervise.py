@@ -1,6 +1,7 @@
 """Process lifetime of a training stage: no worker outlives its launcher, signals end runs cleanly.
 
-The chain is ``dvc`` -> launcher (`python -m stages.train --nproc N <task>`) -> ``torchrun`` -> workers.
+The chain is ``dvc`` -> launcher (`python -m stages.train --nproc N <task>`) -> ``torchrun`` -> workers;
+the launcher asks for SIGTERM when dvc dies.
 torchrun starts its workers in a new session, so a signal to a process group never reaches them, and a
 killed torchrun used to leave its worker training alone. Here every link dies with its parent:
 

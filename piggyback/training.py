@@ -199,7 +199,7 @@ def _open_run(params: Params, task: str, world: int, run_name: Optional[str], re
     if closed:
         print(f"train@{task}: closed MLflow run(s) {', '.join(closed)} left RUNNING by a killed trainer (now KILLED)",
               flush=True)
-    return open_run(params.mlflow, rank, run_name=run_name or f"train@{task}", tags=tags,
+    return open_run(params.mlflow, rank, run_name=run_name or f"train:{task}", tags=tags,
                     params=_tracked_params(params, task, world), run_id=run_id, resume=True)
 
 

@@ -66,6 +66,7 @@ def _launch(nproc: int, argv: list[str], task: str) -> None:
     with tempfile.TemporaryDirectory(prefix="piggyback-train-") as messages:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "stages.train", *argv]
+        supervise.set_parent_death_signal()   # dvc killed: stop too (torchrun and its workers follow)
         code = supervise.launch(cmd, env={**os.environ, MESSAGES: messages})
         if code == 0:
             return
@@ -130,7 +131,7 @@ def _run(args: argparse.Namespace, task: str, models: Path) -> None:
         if rank == 0:
             snapshot.clear_finished(models)      # e.g. a task DVC restored from its run cache
         train_task(params, task, paths, device=device, local_rank=local_rank,
-                   run_name=os.environ.get("DVC_STAGE") or f"train@{task}")
+                   run_name=f"train:{task}")
     except (ConfigError, CheckpointError, StageError, snapshot.TrainerBusy, FileNotFoundError, ValueError) as e:
         _fail(task, str(e))
     except supervise.Terminated as e:   # a torchrun worker whose launcher is stopping leaves at once
