@@ -170,7 +170,7 @@ class TrainConfig:
     max_steps: int = 0                 # Stop each task after this many iterations (0: no limit).
     amp: str = "none"                  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False
-    batch_calls: bool = True           # One call for independent calls through a per-sample network (exact).
+    batch_calls: bool = False          # One call for independent calls through a per-sample network (exact outputs).
     adam_impl: str = "default"         # default (PyTorch's per device) | loop | foreach (bit-identical) | fused
     log_every: int = 10                # Iterations between loss logs to MLflow.
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
