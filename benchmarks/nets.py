@@ -22,7 +22,7 @@ from torch import nn
 
 from piggyback import lifelong
 from piggyback.layers import PIGGYBACK_LAYERS
-from piggyback.models import Precision, adam_options
+from piggyback.models import Precision, StepTools, adam_options
 from piggyback.networks import GeneratorConfig, build_generator
 from piggyback.norms import TaskBatchNorm2d
 
@@ -310,7 +310,7 @@ def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: 
     real_A, real_B = inputs(case, device, channels_last, seed=seed + 1)
 
     def step():
-        return R.train_step(nets, opt, real_A, real_B, gan, mcfg, pools, prec, batch_calls)
+        return R.train_step(nets, opt, real_A, real_B, StepTools(gan, mcfg, pools, prec, batch_calls))
 
     info = {"recipe": mode, "generators": list(R.GENERATORS), "discriminators": list(R.DISCRIMINATORS),
             "batch_calls": batch_calls, "adam_impl": adam_impl, "channels_last": channels_last,

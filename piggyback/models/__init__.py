@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,18 @@ def split_call(net: nn.Module, *inputs: Tensor) -> tuple[Tensor, ...]:
     """`net` applied to each input, as one batched call: (net(x) for x in inputs) for a per-sample net."""
     out = net(torch.cat(inputs, 0))
     return tuple(out.split([x.shape[0] for x in inputs], 0))
+
+
+
+@dataclass(frozen=True)
+class StepTools:
+    """What a recipe's `train_step` uses besides the networks, the optimisers and the batch."""
+
+    gan: Any                     # losses.GANLoss of the task's gan_mode
+    cfg: Any                     # config.CycleGANConfig or config.Pix2PixConfig (loss weights, pool size)
+    pools: dict                  # ImagePool per pooled fake (make_pools)
+    prec: "Precision"            # autocast / gradient scaling
+    batch_calls: bool = False    # batch independent calls through per-sample networks (train.batch_calls)
 
 
 ADAM_IMPLS = ("default", "loop", "foreach", "fused")
