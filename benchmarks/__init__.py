@@ -17,11 +17,11 @@ a short table and writes ``benchmarks/results/latest.json`` (git-ignored). What 
   run also times the real recipe, ``cyclegan.train_step`` / ``pix2pix.train_step`` with discriminators,
   image pools and GAN losses (``train_recipe``; CycleGAN calls each generator three times per iteration).
 - ``recipe_vs_reference_task3`` (per case): one full iteration of our recipe training task 3, as
-  training runs it (independent calls batched through per-sample networks, foreach Adam), over the
+  training runs it (independent calls batched through per-sample networks, default Adam), over the
   straightforward iteration of ``benchmarks/reference.py`` (junyanz's structure: six generator calls,
   separate discriminator calls for real and fake, float32, eager, default Adam) on plain networks holding
   the same weights. ``levers`` in each ``train_recipe`` case: our step one switch away from the default
-  (``unbatched``, ``adam_loop``, ``adam_fused``, ``channels_last``) over the default step.
+  (``unbatched``, ``adam_foreach``, ``adam_fused``, ``channels_last``) over the default step.
 - ``infer_overhead``: a materialised task-3 network (``lifelong.materialize``) against an independently
   built plain network with the same weights (eval mode, inference mode, batch 1; resnet_9blocks at 256x256,
   128x128 with ``--quick``; every case in ``infer``). The piggyback network run directly (weights composed

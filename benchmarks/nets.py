@@ -22,7 +22,7 @@ from torch import nn
 
 from piggyback import lifelong
 from piggyback.layers import PIGGYBACK_LAYERS
-from piggyback.models import Precision, adam_options
+from piggyback.models import Precision, StepTools, adam_options
 from piggyback.networks import GeneratorConfig, build_generator
 from piggyback.norms import TaskBatchNorm2d
 
@@ -268,7 +268,7 @@ def compose_time(net: nn.Module, device: torch.device, repeats: int = 5) -> dict
 
 # -- the real recipe (discriminators, pools, GAN losses) --------------------------------------------
 #: Variants of our recipe step, each one lever away from the default (`train.*` keys of the same name).
-LEVERS = {"unbatched": {"batch_calls": False}, "adam_loop": {"adam_impl": "loop"},
+LEVERS = {"unbatched": {"batch_calls": False}, "adam_foreach": {"adam_impl": "foreach"},
           "adam_fused": {"adam_impl": "fused"}, "channels_last": {"channels_last": True}}
 
 
@@ -287,7 +287,7 @@ def _recipe_nets(case: Case, which: str, device: torch.device, channels_last: bo
 
 
 def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: bool, seed: int = 0,
-                   batch_calls: bool = True, adam_impl: str = "foreach") -> tuple[Callable[[], object], dict]:
+                   batch_calls: bool = True, adam_impl: str = "default") -> tuple[Callable[[], object], dict]:
     """One full iteration of the case's recipe as training runs it (`cyclegan.train_step` / `pix2pix.train_step`).
 
     The generators are `which` (plain | task1 | task3), the optimisers the recipe's Adam (G: the
@@ -310,7 +310,7 @@ def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: 
     real_A, real_B = inputs(case, device, channels_last, seed=seed + 1)
 
     def step():
-        return R.train_step(nets, opt, real_A, real_B, gan, mcfg, pools, prec, batch_calls)
+        return R.train_step(nets, opt, real_A, real_B, StepTools(gan, mcfg, pools, prec, batch_calls))
 
     info = {"recipe": mode, "generators": list(R.GENERATORS), "discriminators": list(R.DISCRIMINATORS),
             "batch_calls": batch_calls, "adam_impl": adam_impl, "channels_last": channels_last,

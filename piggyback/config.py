@@ -170,8 +170,8 @@ class TrainConfig:
     max_steps: int = 0                 # Stop each task after this many iterations (0: no limit).
     amp: str = "none"                  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False
-    batch_calls: bool = True           # One call for independent calls through a per-sample network (exact).
-    adam_impl: str = "foreach"         # foreach (exact, fast) | fused (float-equal) | loop (PyTorch's CPU default)
+    batch_calls: bool = False          # One call for independent calls through a per-sample network (exact outputs).
+    adam_impl: str = "default"         # default (PyTorch's per device) | loop | foreach (bit-identical) | fused
     log_every: int = 10                # Iterations between loss logs to MLflow.
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
     pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
@@ -231,7 +231,7 @@ CHOICES = {
     "Pix2PixConfig.gan_mode": {"lsgan", "vanilla"},
     "TrainConfig.method": {"piggyback", "separate", "finetune"},
     "TrainConfig.amp": {"none", "bf16", "fp16"},
-    "TrainConfig.adam_impl": {"foreach", "fused", "loop"},
+    "TrainConfig.adam_impl": {"default", "foreach", "fused", "loop"},
     "TaskConfig.mode": {"cyclegan", "pix2pix"},
     "TaskConfig.direction": {"AtoB", "BtoA"},
 }

@@ -22,6 +22,7 @@ from piggyback.donothing import REFERENCES, SCORES, reference_markdown
 from piggyback.fsutil import atomic_path, atomic_write_json, atomic_write_text
 from piggyback.matrix import matrix_metrics
 from piggyback.metricsfile import numbers_only, read_record
+from piggyback.supervise import terminate_on_signals
 
 QUALITY = ("fid", "kid", "l1", "psnr", "ssim")
 DO_NOTHING = tuple(f"{ref}_{s}" for ref in REFERENCES for s in SCORES)   # identity_l1, mean_target_l1, ...
@@ -322,12 +323,14 @@ def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Option
     commit = _git_commit()
     # Named after what it is: the DVC experiment, else the commit `dvc repro` ran on.
     label = os.environ.get("DVC_EXP_NAME") or (commit[:7] if commit else "workspace")
+    # A pipeline run of this experiment that a SIGKILLed report left RUNNING is closed (KILLED) first.
+    tracking.close_leftover_runs(params.mlflow, 0, {"kind": "pipeline", "dvc.exp_name": exp_name})
     tracker = tracking.open_run(params.mlflow, rank=0, run_name=f"pipeline:{label}", tags={
         "kind": "pipeline", "method": summary["method"], "suite": summary["suite"], "git.commit": commit or "unknown",
         "dvc.exp_name": exp_name, "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", commit or ""),
         "tasks": ",".join(r["name"] for r in summary["tasks"]),
     })
-    try:
+    with terminate_on_signals(), tracking.ended(tracker):   # KILLED on SIGTERM / SIGINT, FAILED on errors
         flat = {
             "method": summary["method"], "model.netG": params.model.netG, "model.ngf": params.model.ngf,
             "model.lam": params.model.lam, "model.lam_overrides": json.dumps(params.model.lam_overrides),
@@ -360,8 +363,4 @@ def log_pipeline_run(summary: dict, params: Params, files: list[Path]) -> Option
             from piggyback.publish import publish_model   # the final generator as a registered MLflow model
 
             publish_model(params, summary, tracker.run_id)
-        tracker.end("FINISHED")
-    except BaseException:
-        tracker.end("FAILED")
-        raise
     return tracker.run_id

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from piggyback.config import MlflowConfig
-from piggyback.supervise import Terminated
+from piggyback.supervise import Terminated, terminate_on_signals
 
 
 def repo_root() -> Path:
@@ -221,18 +221,16 @@ def log_evaluation(cfg: MlflowConfig, task: str, train_run_id: str | None, metri
             **{f"eval.{k}": v for k, v in metrics.items() if isinstance(v, (str, bool))}}
     if train_run_id:
         tags.update({"train_run_id": train_run_id, "mlflow.parentRunId": train_run_id})
-    try:
+    try:   # an evaluate:<task> run a SIGKILLed evaluation left RUNNING is closed (KILLED) first
+        close_leftover_runs(cfg, 0, {k: tags[k] for k in ("task", "kind", "dvc.exp_name")})
         tracker = open_run(cfg, rank=0, run_name=f"evaluate:{task}", tags=tags)
     except Exception as e:  # noqa: BLE001 - the JSON file is the record; a tracking failure is only a warning
         return f"MLflow: could not start the evaluate:{task} run ({type(e).__name__}: {e}): not logged"
-    status = "FAILED"
     try:
-        tracker.log_metrics(numbers)
-        for path in artifacts:
-            tracker.log_artifact(path, "evaluation")
-        status = "FINISHED"
+        with terminate_on_signals(), ended(tracker):   # SIGTERM / SIGINT end it KILLED, errors FAILED
+            tracker.log_metrics(numbers)
+            for path in artifacts:
+                tracker.log_artifact(path, "evaluation")
     except Exception as e:  # noqa: BLE001
         return f"MLflow: logging into run {tracker.run_id} failed ({type(e).__name__}: {e})"
-    finally:
-        tracker.end(status)
     return f"logged {len(numbers)} metrics into MLflow run evaluate:{task} ({tracker.run_id})"

@@ -199,7 +199,7 @@ def _open_run(params: Params, task: str, world: int, run_name: Optional[str], re
     if closed:
         print(f"train@{task}: closed MLflow run(s) {', '.join(closed)} left RUNNING by a killed trainer (now KILLED)",
               flush=True)
-    return open_run(params.mlflow, rank, run_name=run_name or f"train@{task}", tags=tags,
+    return open_run(params.mlflow, rank, run_name=run_name or f"train:{task}", tags=tags,
                     params=_tracked_params(params, task, world), run_id=run_id, resume=True)
 
 
@@ -209,14 +209,14 @@ def _train_epoch(state: TrainState, loop: _Loop) -> dict[str, torch.Tensor]:
     window, visuals = _Window(), {}
     loop.sampler.set_epoch(state.epoch)            # a new permutation per epoch
     loop.loader.dataset.set_epoch(state.epoch)     # per-sample crops / flips / partners of this epoch
+    tools = models.StepTools(loop.gan, loop.mcfg, state.pools, state.precision, cfg.batch_calls)
     t_mark = time.perf_counter()
     for batch in _remaining(loop.loader, loop.sampler, state.done):
         real_A = batch["A"].to(device, non_blocking=True)
         real_B = batch["B"].to(device, non_blocking=True)
         if cfg.channels_last:
             real_A, real_B = (x.contiguous(memory_format=torch.channels_last) for x in (real_A, real_B))
-        losses, visuals = loop.recipe.train_step(loop.ddp, state.optimizers, real_A, real_B, loop.gan, loop.mcfg,
-                                                 state.pools, state.precision, cfg.batch_calls)
+        losses, visuals = loop.recipe.train_step(loop.ddp, state.optimizers, real_A, real_B, tools)
         dt, images = time.perf_counter() - t_mark, real_A.shape[0] * world
         state.record_step(losses, dt, images)
         window.add(losses, dt, images)

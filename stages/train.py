@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace, task: str, models: Path) -> None:
         if rank == 0:
             snapshot.clear_finished(models)      # e.g. a task DVC restored from its run cache
         train_task(params, task, paths, device=device, local_rank=local_rank,
-                   run_name=os.environ.get("DVC_STAGE") or f"train@{task}")
+                   run_name=f"train:{task}")
     except (ConfigError, CheckpointError, StageError, snapshot.TrainerBusy, FileNotFoundError, ValueError) as e:
         _fail(task, str(e))
     except supervise.Terminated as e:   # a torchrun worker whose launcher is stopping leaves at once

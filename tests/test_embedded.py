@@ -70,7 +70,7 @@ def test_scene_depends_only_on_its_index():
     A_1, B_1 = render_pair("edges", 0, "train", 7, 32)
     A_2, B_2 = render_pair("edges", 0, "train", 7, 32)
     assert (A_1 == A_2).all() and (B_1 == B_2).all()
-    assert not (A1 == render_pair("edges", 0, "test", 7, 32)[0]).all()
+    assert not (A_1 == render_pair("edges", 0, "test", 7, 32)[0]).all()
 
 
 def _tensors(kind: str, splits: tuple[str, str], n: int, size: int):

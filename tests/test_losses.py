@@ -11,7 +11,7 @@ from torch import nn
 
 from piggyback.config import CycleGANConfig, Pix2PixConfig
 from piggyback.losses import GANLoss, ImagePool
-from piggyback.models import Precision, cyclegan, pix2pix, recipe
+from piggyback.models import Precision, StepTools, cyclegan, pix2pix, recipe
 
 
 def test_gan_loss_modes():
@@ -72,7 +72,7 @@ def test_cyclegan_step_matches_reference_order():
     opts = {"G": _adam(nets["G_A"], nets["G_B"]), "D": _adam(nets["D_A"], nets["D_B"])}
     real_A, real_B = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     gan = GANLoss("lsgan")
-    losses, visuals = cyclegan.train_step(nets, opts, real_A, real_B, gan, cfg, cyclegan.make_pools(cfg, 0), Precision("none", torch.device("cpu")))
+    losses, visuals = cyclegan.train_step(nets, opts, real_A, real_B, StepTools(gan, cfg, cyclegan.make_pools(cfg, 0), Precision("none", torch.device("cpu")), True))
     assert set(losses) == {"G", "G_A", "G_B", "cycle_A", "cycle_B", "idt_A", "idt_B", "D_A", "D_B"}
     assert set(visuals) == set(cyclegan.VISUALS)
 
@@ -103,7 +103,7 @@ def test_pix2pix_step_matches_reference_order():
     ref = copy.deepcopy(nets)
     opts = {"G": _adam(nets["G_A"]), "D": _adam(nets["D_A"])}
     real_A, real_B = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    losses, visuals = pix2pix.train_step(nets, opts, real_A, real_B, GANLoss("vanilla"), cfg, pix2pix.make_pools(cfg, 0), Precision("none", torch.device("cpu")))
+    losses, visuals = pix2pix.train_step(nets, opts, real_A, real_B, StepTools(GANLoss("vanilla"), cfg, pix2pix.make_pools(cfg, 0), Precision("none", torch.device("cpu")), True))
     assert set(losses) == {"G", "G_GAN", "G_L1", "D", "D_real", "D_fake"}
     assert set(visuals) == set(pix2pix.VISUALS)
 
@@ -137,8 +137,8 @@ def test_generator_step_leaves_discriminator_gradients_alone():
     # Freeze D's optimiser: after the step, D gradients must be exactly those of the D loss alone.
     d_opt.step = lambda *a, **k: None
     real_A, real_B = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
-    losses, x = cyclegan.train_step(nets, opts, real_A, real_B, GANLoss("lsgan"), cfg,
-                                    cyclegan.make_pools(cfg, 0), Precision("none", torch.device("cpu")))
+    losses, x = cyclegan.train_step(nets, opts, real_A, real_B, StepTools(
+        GANLoss("lsgan"), cfg, cyclegan.make_pools(cfg, 0), Precision("none", torch.device("cpu")), True))
     assert "idt_A" not in losses
     assert all(p.requires_grad for n in ("D_A", "D_B") for p in nets[n].parameters())
     grads = [p.grad.clone() for n in ("D_A", "D_B") for p in nets[n].parameters()]

@@ -20,7 +20,7 @@ from piggyback import lifelong
 from piggyback.config import CycleGANConfig, Pix2PixConfig
 from piggyback.discriminators import build_discriminator
 from piggyback.losses import GANLoss
-from piggyback.models import ADAM_IMPLS, Precision, adam_options, cyclegan, per_sample, pix2pix
+from piggyback.models import ADAM_IMPLS, Precision, StepTools, adam_options, cyclegan, per_sample, pix2pix
 from piggyback.networks import GeneratorConfig, build_generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -106,7 +106,7 @@ def _run_cyclegan(norm: str, batch_calls: bool, steps: int = 3):
     for _ in range(steps):
         real_A, real_B = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
         _sync(ours_nets, ours_opt, ref_nets, ref_opt)
-        ours, _ = cyclegan.train_step(ours_nets, ours_opt, real_A, real_B, gan, cfg, ours_pools, prec, batch_calls)
+        ours, _ = cyclegan.train_step(ours_nets, ours_opt, real_A, real_B, StepTools(gan, cfg, ours_pools, prec, batch_calls))
         ref = reference.cyclegan_step(ref_nets, ref_opt, real_A, real_B, cfg, ref_pools)
         # "G" is the same six terms summed in another order.
         torch.testing.assert_close(ours.pop("G"), ref.pop("G"), rtol=1e-6, atol=0)
@@ -150,7 +150,7 @@ def test_pix2pix_step_equals_the_reference_iteration(norm):
         real_A, real_B = (torch.rand(2, 3, 128, 128, generator=g) * 2 - 1 for _ in range(2))
         _sync(ours_nets, ours_opt, ref_nets, ref_opt)
         torch.manual_seed(100 + step)                   # the same dropout masks on both sides
-        ours, _ = pix2pix.train_step(ours_nets, ours_opt, real_A, real_B, gan, cfg, pix2pix.make_pools(cfg, 0), prec)
+        ours, _ = pix2pix.train_step(ours_nets, ours_opt, real_A, real_B, StepTools(gan, cfg, pix2pix.make_pools(cfg, 0), prec, True))
         torch.manual_seed(100 + step)
         ref = reference.pix2pix_step(ref_nets, ref_opt, real_A, real_B, cfg, pix2pix.make_pools(cfg, 0))
         _compare_losses(ours, ref, exact=norm == "batch")

@@ -91,3 +91,64 @@ def test_experiment_creation_race(monkeypatch, tmp_path):
     monkeypatch.setattr(client, "get_experiment_by_name", lambda name: None)
     with pytest.raises(MlflowException):
         tracking.experiment_id(client, "race")
+
+
+def _mlflow_env(monkeypatch, tmp_path):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    cfg = MlflowConfig(experiment="unit")
+    return cfg, MlflowClient(tracking_uri=tracking_uri(cfg))
+
+
+def _sigterm_during(monkeypatch, method: str):
+    """Make `Tracker.<method>` deliver SIGTERM to this process, as `kill` would mid-logging."""
+    import os
+    import signal
+
+    def killed(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Tracker, method, killed)
+
+
+def test_evaluation_run_killed_by_sigterm_ends_killed_and_a_sigkill_leftover_is_closed(monkeypatch, tmp_path):
+    from piggyback.supervise import Terminated
+
+    cfg, client = _mlflow_env(monkeypatch, tmp_path)
+    # What a SIGKILLed evaluation leaves: its evaluate:t1 run RUNNING.
+    left = open_run(cfg, 0, "evaluate:t1", tags={**tracking.default_tags("t1"), "kind": "evaluate"})
+    note = tracking.log_evaluation(cfg, "t1", None, {"l1": 0.5})
+    assert client.get_run(left.run_id).info.status == "KILLED"
+    new = client.search_runs([client.get_experiment_by_name("unit").experiment_id],
+                             filter_string="attributes.status = 'FINISHED'")
+    assert [r.info.run_name for r in new] == ["evaluate:t1"] and new[0].info.run_id in note
+    assert new[0].data.metrics["l1"] == 0.5
+
+    _sigterm_during(monkeypatch, "log_metrics")
+    with pytest.raises(Terminated):
+        tracking.log_evaluation(cfg, "t2", None, {"l1": 0.5})
+    killed = client.search_runs([client.get_experiment_by_name("unit").experiment_id],
+                                filter_string="attributes.run_name = 'evaluate:t2'")
+    assert [r.info.status for r in killed] == ["KILLED"]
+
+
+def test_pipeline_run_killed_by_sigterm_ends_killed_and_the_next_report_closes_leftovers(monkeypatch, tmp_path):
+    from piggyback.config import load_params
+    from piggyback.report import log_pipeline_run
+    from piggyback.supervise import Terminated
+
+    cfg, client = _mlflow_env(monkeypatch, tmp_path)
+    params = load_params("params.yaml")
+    params = type(params)(**{**params.__dict__, "mlflow": cfg})
+    summary = {"method": "piggyback", "suite": "s", "tasks": []}
+    left = open_run(cfg, 0, "pipeline:x", tags={"kind": "pipeline", "dvc.exp_name": "workspace"})
+    _sigterm_during(monkeypatch, "log_metrics")
+    with pytest.raises(Terminated):
+        log_pipeline_run(summary, params, [])
+    runs = {r.info.run_id: r.info.status for r in client.search_runs(
+        [client.get_experiment_by_name("unit").experiment_id])}
+    assert runs.pop(left.run_id) == "KILLED"                 # the SIGKILL leftover, closed by the next report
+    assert list(runs.values()) == ["KILLED"]                 # the report run the SIGTERM stopped

@@ -52,7 +52,7 @@ def test_one_task_outputs_metrics_and_mlflow(tmp_path, monkeypatch):
     # MLflow: one finished run with the task's params, per-step losses, images and parameter counts.
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(rec["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.info.run_name == "train@t1"
+    assert run.info.status == "FINISHED" and run.info.run_name == "train:t1"
     assert run.data.tags["task"] == "t1" and run.data.tags["dvc.stage"] == "train@t1"
     p = run.data.params
     assert p["train.lr"] == "0.0002" and p["mode"] == "cyclegan" and p["dataset"] == "daynight"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from piggyback.config import CycleGANConfig
 from piggyback.lifelong import reuse_composed_weights
 from piggyback.losses import GANLoss, ImagePool
-from piggyback.models import Precision, per_sample, set_requires_grad, split_call
+from piggyback.models import StepTools, per_sample, set_requires_grad, split_call
 
 GENERATORS = ("G_A", "G_B")
 DISCRIMINATORS = ("D_A", "D_B")
@@ -69,23 +69,15 @@ def discriminator_loss(D: nn.Module, real: Tensor, fake: Tensor, gan: GANLoss, b
     return {"real": real_loss, "fake": fake_loss, "D": (real_loss + fake_loss) * 0.5}
 
 
-def train_step(
-    nets: dict[str, nn.Module],
-    optimizers: dict[str, "torch.optim.Optimizer"],  # noqa: F821
-    real_A: Tensor,
-    real_B: Tensor,
-    gan: GANLoss,
-    cfg: CycleGANConfig,
-    pools: dict[str, ImagePool],
-    prec: Precision,
-    batch_calls: bool = True,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def train_step(nets: dict[str, nn.Module], optimizers: dict, real_A: Tensor, real_B: Tensor,
+               tools: StepTools) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One iteration: returns (detached losses, detached visuals). `nets` are the DDP wrappers.
 
-    `batch_calls`: batch the independent calls through one network where that network is per-sample
+    `tools.batch_calls`: batch the independent calls through one network where that network is per-sample
     (instance norm or none, no active dropout); never where batch statistics would mix the images.
     """
     G_A, G_B, D_A, D_B = (nets[k] for k in ("G_A", "G_B", "D_A", "D_B"))
+    gan, cfg, pools, prec, batch_calls = tools.gan, tools.cfg, tools.pools, tools.prec, tools.batch_calls
     batch_G = batch_calls and per_sample(G_A, G_B)
     batch_D = batch_calls and per_sample(D_A, D_B)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from piggyback.config import Pix2PixConfig
 from piggyback.losses import GANLoss, ImagePool
-from piggyback.models import Precision, per_sample, set_requires_grad, split_call
+from piggyback.models import StepTools, per_sample, set_requires_grad, split_call
 
 GENERATORS = ("G_A",)
 DISCRIMINATORS = ("D_A",)
@@ -39,23 +39,15 @@ def generator_loss(D: nn.Module, real_A: Tensor, real_B: Tensor, fake_B: Tensor,
     return out
 
 
-def train_step(
-    nets: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
-    real_A: Tensor,
-    real_B: Tensor,
-    gan: GANLoss,
-    cfg: Pix2PixConfig,
-    pools: dict[str, ImagePool],
-    prec: Precision,
-    batch_calls: bool = True,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def train_step(nets: dict[str, nn.Module], optimizers: dict, real_A: Tensor, real_B: Tensor,
+               tools: StepTools) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One iteration: returns (detached losses, detached visuals). `nets` are the DDP wrappers.
 
-    `batch_calls`: D judges the fake and the real pair in one call where D is per-sample (instance norm
+    `tools.batch_calls`: D judges the fake and the real pair in one call where D is per-sample (instance norm
     or none); pix2pix's default batch norm keeps the two calls.
     """
     G, D = nets["G_A"], nets["D_A"]
+    gan, cfg, pools, prec, batch_calls = tools.gan, tools.cfg, tools.pools, tools.prec, tools.batch_calls
     with prec.autocast():
         fake_B = G(real_A)
 
