@@ -132,3 +132,28 @@ def test_lambda_overrides_apply_by_group_and_name():
         GeneratorConfig(lam=0.0)
     with pytest.raises(ValueError, match="netG"):
         GeneratorConfig(netG="unet_512")
+
+
+@pytest.mark.parametrize("netG", ["resnet_6blocks", "resnet_9blocks", "unet_128", "unet_256"])
+def test_output_layer_default_lambda_one_on_every_generator(netG):
+    """The shipped params (and both paper suites) put every generator's output layer at lambda 1.0: at
+    task 2 it learns all 3 output filters anew (no mixture of the previous task's 3), every other layer
+    takes model.lam."""
+    from pathlib import Path
+
+    from piggyback.config import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [root / "params.yaml", *sorted((root / "suites").glob("*.yaml"))]:
+        m = load_params(path).model
+        cfg = GeneratorConfig(netG=netG, ngf=2, norm=m.norm, lam=m.lam, lam_overrides=m.lam_overrides)
+        net = _task1(cfg)
+        lifelong.freeze(net)
+        lifelong.add_task(net)                                   # task 2, lambdas resolved from net.config
+        groups = layer_groups(net)
+        layers = {n: l for n, l in net.named_modules() if isinstance(l, PIGGYBACK_LAYERS)}
+        last = next(n for n, g in groups.items() if g == "last")
+        assert layers[last].new_filters.shape[1 if layers[last].transposed else 0] == 3, path.name
+        assert layers[last].mix_weights is None, path.name
+        others = [l for n, l in layers.items() if n != last]
+        assert all(l.mix_weights is not None for l in others), path.name   # piggybacked at model.lam < 1
