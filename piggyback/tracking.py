@@ -105,9 +105,18 @@ class Tracker(NullTracker):
         self.client.set_terminated(self.run_id, status)
 
 
-# MLflow 3 opens an experiment without this tag on its GenAI overview (traces, evaluations); with it,
-# on the runs table. The value is the UI's "custom model development" kind.
+# MLflow 3's kind for model training. The 3.17 UI still opens in its GenAI mode unless the browser chose
+# "Model training" (`?workflowType=machine_learning` in the URL, see `ui_link`); the tag files the
+# experiment correctly for MLflow versions and tools that read it.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_link(cfg: MlflowConfig, run_id: str) -> str:
+    """Where `mlflow ui` (default port) shows this run in its "Model training" mode."""
+    from mlflow import MlflowClient
+
+    exp_id = MlflowClient(tracking_uri=tracking_uri(cfg)).get_run(run_id).info.experiment_id
+    return f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def experiment_id(client: Any, name: str) -> str:

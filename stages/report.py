@@ -16,6 +16,7 @@ from piggyback.compare import compare_methods
 from piggyback.config import load_params
 from piggyback.metricsfile import read_record
 from piggyback.report import build_summary, log_pipeline_run, sample_sheet, to_markdown, write_report
+from piggyback.tracking import ui_link
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     run_id = log_pipeline_run(summary, params, files)
     print(to_markdown(summary))
     if run_id:
-        print(f"MLflow pipeline run: {run_id} (browse with `mlflow ui`)")
+        print(f"MLflow pipeline run: {run_id}: run `mlflow ui`, then open {ui_link(params.mlflow, run_id)}")
 
 
 if __name__ == "__main__":

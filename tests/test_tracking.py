@@ -152,3 +152,12 @@ def test_pipeline_run_killed_by_sigterm_ends_killed_and_the_next_report_closes_l
         [client.get_experiment_by_name("unit").experiment_id])}
     assert runs.pop(left.run_id) == "KILLED"                 # the SIGKILL leftover, closed by the next report
     assert list(runs.values()) == ["KILLED"]                 # the report run the SIGTERM stopped
+
+
+def test_ui_link_opens_the_run_in_model_training_mode(monkeypatch, tmp_path):
+    """MLflow 3.17's UI starts in its GenAI mode; the printed link switches it to "Model training"."""
+    cfg, client = _mlflow_env(monkeypatch, tmp_path)
+    t = open_run(cfg, 0, "pipeline:x", tags={"kind": "pipeline"})
+    exp_id = client.get_run(t.run_id).info.experiment_id
+    assert tracking.ui_link(cfg, t.run_id) == \
+        f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{t.run_id}?workflowType=machine_learning"
