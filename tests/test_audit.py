@@ -80,12 +80,16 @@ def test_one_changed_bank_value_fails_naming_task_and_layer(chain, tmp_path):
     assert report["all_exact"] is False
 
 
-def test_damaged_checkpoint_file_is_named(chain, tmp_path):
-    ws = _workspace(chain, tmp_path)
-    path = ws / "models" / "t3" / GENERATORS
+def _flip_middle_byte(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoint_file_is_named(chain, tmp_path):
+    ws = _workspace(chain, tmp_path)
+    path = ws / "models" / "t3" / GENERATORS
+    _flip_middle_byte(path)
     with pytest.raises(SystemExit) as exc:
         _run_audit(ws, chain)
     assert "cannot be trusted" in str(exc.value.code) and GENERATORS in str(exc.value.code)
@@ -95,9 +99,7 @@ def test_damaged_intermediate_checkpoint_fails_with_the_final_intact(chain, tmp_
     """Every task's own checkpoint is verified, not only the final one."""
     ws = _workspace(chain, tmp_path)
     path = ws / "models" / "t1" / GENERATORS
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    _flip_middle_byte(path)
     with pytest.raises(SystemExit) as exc:
         _run_audit(ws, chain)
     msg = str(exc.value.code)

@@ -18,11 +18,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 from piggyback import snapshot
-from train_helpers import (REPO, generators, make_data, max_abs_diff, run_init, run_train, single_thread,  # noqa: F401
-                           stage_cmd, stage_env, write_params)
+from train_helpers import (REPO, generators, max_abs_diff, run_init, run_train, single_thread,  # noqa: F401
+                           stage_cmd, stage_env, uninterrupted_t1, write_params)
 
 TASKS = {"t1": {"dataset": "daynight", "prev": "init", "mode": "cyclegan"}}
 TRAIN = {"epochs": 2, "epochs_decay": 2, "snapshot_every": 2, "cyclegan": {"pool_size": 2}}   # 16 steps
@@ -49,15 +48,7 @@ KILL_ON_SAVE = textwrap.dedent("""
 def reference(tmp_path_factory):
     """The uninterrupted run, in this process."""
     tmp = tmp_path_factory.mktemp("ref")
-    data = make_data(tmp, ["daynight"])
-    params = write_params(tmp / "params.yaml", TASKS, train=TRAIN)
-    run_init(params, tmp / "models")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as every other run here (the autouse fixture is function-scoped)
-    try:
-        run_train("t1", params, tmp / "models", data, tmp / "metrics")
-    finally:
-        torch.set_num_threads(threads)
+    data, _ = uninterrupted_t1(tmp, TASKS, train=TRAIN)
     return {"data": data, "weights": generators(tmp / "models" / "t1")}
 
 

@@ -6,12 +6,11 @@ import subprocess
 import time
 
 import pytest
-import torch
 
 from piggyback import snapshot
 from piggyback.checkpoint import load_lifelong
-from train_helpers import (generators, make_data, max_abs_diff, run_cmd, run_init, run_train, single_thread,  # noqa: F401
-                           stage_cmd, stage_env, write_params)
+from train_helpers import (generators, max_abs_diff, run_cmd, run_init, run_train, single_thread,  # noqa: F401
+                           stage_cmd, stage_env, uninterrupted_t1, write_params)
 
 TASKS = {"t1": {"dataset": "daynight", "prev": "init", "mode": "cyclegan"}}
 # Everything that carries state across steps: a pool that fills after 2 images (then draws from its own
@@ -28,16 +27,8 @@ def _rows(metrics):
 def reference(tmp_path_factory):
     """One uninterrupted run: 3 epochs x 4 steps."""
     tmp = tmp_path_factory.mktemp("ref")
-    data = make_data(tmp, ["daynight"])
-    params = write_params(tmp / "params.yaml", TASKS, model=MODEL, train=TRAIN)
-    run_init(params, tmp / "models")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as every other run here (the autouse fixture is function-scoped)
-    try:
-        run_train("t1", params, tmp / "models", data, tmp / "metrics")
-    finally:
-        torch.set_num_threads(threads)
-    return {"data": data, "weights": generators(tmp / "models" / "t1"), "rows": _rows(tmp / "metrics")}
+    data, metrics = uninterrupted_t1(tmp, TASKS, model=MODEL, train=TRAIN)
+    return {"data": data, "weights": generators(tmp / "models" / "t1"), "rows": _rows(metrics)}
 
 
 @pytest.mark.parametrize("crash_after, where", [(2, "epoch 1, step 4"), (3, "epoch 2, step 6")])

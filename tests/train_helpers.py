@@ -83,6 +83,21 @@ def run_train(task: str, params: Path, models: Path, data: Path, metrics: Path) 
     train.main([task, "--params", str(params), "--models", str(models), "--data", str(data), "--metrics", str(metrics)])
 
 
+def uninterrupted_t1(tmp: Path, tasks: dict, **settings) -> tuple[Path, Path]:
+    """Init + task t1 in this process on one thread (as every run it is compared with), in a fresh
+    workspace under `tmp`; returns (data root, metrics root). `settings` go to `write_params`."""
+    data = make_data(tmp, ["daynight"])
+    params = write_params(tmp / "params.yaml", tasks, **settings)
+    run_init(params, tmp / "models")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the callers' single_thread fixture is function-scoped; module fixtures are not
+    try:
+        run_train("t1", params, tmp / "models", data, tmp / "metrics")
+    finally:
+        torch.set_num_threads(threads)
+    return data, tmp / "metrics"
+
+
 def stage_env(tmp: Path) -> dict:
     env = dict(os.environ)
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
