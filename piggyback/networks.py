@@ -172,11 +172,9 @@ def layer_groups(net: nn.Module) -> dict[str, str]:
     transposed convs), "blocks" (convs inside ResNet blocks) and "down" (every other conv)."""
     in_blocks = {f"{n}.{c}" for n, m in net.named_modules() if isinstance(m, ResnetBlock)
                  for c, _ in m.named_modules() if c}
-    groups = {}
-    for name, m in net.named_modules():
-        if isinstance(m, PIGGYBACK_LAYERS):
-            groups[name] = ("up" if isinstance(m, PiggybackConvTranspose2d)
-                            else "blocks" if name in in_blocks else "down")
+    modules = dict(net.named_modules())
+    groups = {name: ("up" if isinstance(modules[name], PiggybackConvTranspose2d) else "blocks" if name in in_blocks
+                     else "down") for name in piggyback_layer_names(net)}
     names = list(groups)
     groups[names[0]], groups[names[-1]] = "first", "last"
     return groups
