@@ -212,10 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("G_A", "G_B"), default="G_A")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_translate)
+
+    p = sub.add_parser("dry-run", help="what `dvc repro` would run, also where `dvc repro --dry` crashes on "
+                                       "inputs not made yet (fresh clone, new dataset or task)")
+    p.add_argument("dvc_args", nargs="*", metavar="DVC_REPRO_ARG", help="passed to `dvc repro --dry` as given")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dry-run"] and not {"-h", "--help"} & set(argv[1:2]):
+        from .dvcdry import dry_run   # everything after `dry-run` is DVC's (`-s train@t2`, `--downstream`, ...)
+
+        return dry_run(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -256,3 +256,32 @@ def test_own_folder_is_a_tracked_dependency(tmp_path):
     Image.new("RGB", (16, 16)).save(folder / "B" / "new.png")
     changed = _run(status, repo)
     assert "download@mine" in changed and "modified:" in changed and str(folder) in changed, changed
+
+
+def test_dry_run_lists_every_stage_before_any_output_exists(tmp_path):
+    """`piggyback dry-run` on a fresh copy with a new folder dataset: every stage's command in DVC's order,
+    exit 0, nothing written (plain `dvc repro --dry` stops at prepare@<key>: data/raw/<key> is not made yet)."""
+    from PIL import Image
+
+    repo, folder = _copy_repo(tmp_path / "repo"), tmp_path / "my_sketches"
+    for side in ("A", "B"):
+        (folder / side).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(folder / side / "0.png")
+
+    def own(raw):
+        raw["datasets"]["mine"] = {"source": "folder", "path": str(folder)}
+        raw["tasks"]["t4"] = {"dataset": "mine", "prev": "t3", "mode": "pix2pix"}
+    _edit_params(repo, own)
+    _commit(repo)
+    out = _run([sys.executable, "-m", "piggyback.cli", "dry-run"], repo, timeout=300)
+    ran = _ran(out)
+    expected = {"download@mine", "prepare@mine", "init", "audit", "matrix", "report"}
+    expected |= {f"{s}@t{i}" for s in ("train", "evaluate") for i in range(1, 5)}
+    assert expected <= ran, out
+    order = re.findall(r"Running stage '([^']+)'", out)
+    assert order.index("prepare@mine") < order.index("train@t4") and order.index("train@t3") < order.index("train@t4")
+    assert "> python -m stages.train --nproc" in out
+    assert not (repo / "data/raw").exists() and not (repo / "models/init").exists() and not (repo / "dvc.lock").exists()
+
+    only = _run([sys.executable, "-m", "piggyback.cli", "dry-run", "-s", "prepare@mine"], repo, timeout=300)
+    assert _ran(only) == {"prepare@mine"}, only
