@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from piggyback import lifelong
-from piggyback.layers import PIGGYBACK_LAYERS
+from piggyback.layers import PIGGYBACK_LAYERS, set_conv_kernels
 from piggyback.models import Precision, StepTools, adam_options
 from piggyback.networks import GeneratorConfig, build_generator
 from piggyback.norms import TaskBatchNorm2d
@@ -269,7 +269,8 @@ def compose_time(net: nn.Module, device: torch.device, repeats: int = 5) -> dict
 # -- the real recipe (discriminators, pools, GAN losses) --------------------------------------------
 #: Variants of our recipe step, each one lever away from the default (`train.*` keys of the same name).
 LEVERS = {"unbatched": {"batch_calls": False}, "adam_foreach": {"adam_impl": "foreach"},
-          "adam_fused": {"adam_impl": "fused"}, "channels_last": {"channels_last": True}}
+          "adam_fused": {"adam_impl": "fused"}, "channels_last": {"channels_last": True},
+          "direct_kernels": {"conv_kernels": "direct"}}
 
 
 def _recipe_nets(case: Case, which: str, device: torch.device, channels_last: bool, seed: int) -> dict:
@@ -287,11 +288,13 @@ def _recipe_nets(case: Case, which: str, device: torch.device, channels_last: bo
 
 
 def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: bool, seed: int = 0,
-                   batch_calls: bool = True, adam_impl: str = "default") -> tuple[Callable[[], object], dict]:
+                   batch_calls: bool = True, adam_impl: str = "default",
+                   conv_kernels: str = "auto") -> tuple[Callable[[], object], dict]:
     """One full iteration of the case's recipe as training runs it (`cyclegan.train_step` / `pix2pix.train_step`).
 
     The generators are `which` (plain | task1 | task3), the optimisers the recipe's Adam (G: the
-    generators' trainable tensors; D: all of D) in `adam_impl`, precision bf16 autocast on CUDA; batch 1.
+    generators' trainable tensors; D: all of D) in `adam_impl`, the piggyback layers' training kernels
+    `conv_kernels` (`train.conv_kernels`), precision bf16 autocast on CUDA; batch 1.
     Returns (step, info).
     """
     from piggyback.config import CycleGANConfig, Pix2PixConfig
@@ -302,6 +305,8 @@ def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: 
     R = recipe(mode)
     mcfg = CycleGANConfig() if mode == "cyclegan" else Pix2PixConfig()
     nets = _recipe_nets(case, which, device, channels_last, seed)
+    for k in R.GENERATORS:
+        set_conv_kernels(nets[k], conv_kernels)
     opt = {"G": adam([p for k in R.GENERATORS for p in trainable(nets[k])], adam_impl),
            "D": adam([p for k in R.DISCRIMINATORS for p in nets[k].parameters()], adam_impl)}
     prec = _precision(device)
@@ -314,6 +319,7 @@ def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: 
 
     info = {"recipe": mode, "generators": list(R.GENERATORS), "discriminators": list(R.DISCRIMINATORS),
             "batch_calls": batch_calls, "adam_impl": adam_impl, "channels_last": channels_last,
+            "conv_kernels": conv_kernels,
             "trainable_G": sum(p.numel() for k in R.GENERATORS for p in trainable(nets[k])),
             "params_D": sum(p.numel() for k in R.DISCRIMINATORS for p in nets[k].parameters())}
     return step, info

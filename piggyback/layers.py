@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import check_lam
+from .convkernels import conv2d_gemm, conv_transpose2d_gemm, use_gemm
 from .taskmodule import TaskModule
 
 
@@ -233,6 +234,10 @@ class _PiggybackConvNd(TaskModule):
     #: "auto" (cheaper order per call), "compose" or "mix_outputs": a class-wide override for tests/benchmarks.
     order = "auto"
 
+    #: The training-time convolution kernel (`train.conv_kernels`, piggyback/convkernels.py); set per
+    #: network with `set_conv_kernels`.
+    conv_kernels = "direct"
+
     def conv_work(self, x: Tensor) -> tuple[int, int]:
         """(multiply-adds per output filter, output pixels over the batch) of convolving input `x` (B, C, H, W).
 
@@ -270,6 +275,8 @@ class PiggybackConv2d(_PiggybackConvNd):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if x.dim() == 4 and use_gemm(self.conv_kernels, False, x, self._out_hw(*x.shape[2:])):
+            return conv2d_gemm(x, weight, bias, self.stride, self.padding)
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
@@ -297,6 +304,8 @@ class PiggybackConvTranspose2d(_PiggybackConvNd):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, output_padding)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if x.dim() == 4 and use_gemm(self.conv_kernels, True, x, self._out_hw(*x.shape[2:])):
+            return conv_transpose2d_gemm(x, weight, bias, self.stride, self.padding, self.output_padding)
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
@@ -321,3 +330,14 @@ def _copy_dense(conv: nn.Module, layer: _PiggybackConvNd, t: int) -> None:
 
 
 PIGGYBACK_LAYERS = (PiggybackConv2d, PiggybackConvTranspose2d)
+
+
+def set_conv_kernels(net: nn.Module, kernels: str) -> None:
+    """Every piggyback layer of `net` convolves with `kernels` while training (piggyback/convkernels.py)."""
+    from .convkernels import KERNELS
+
+    if kernels not in KERNELS:
+        raise ValueError(f"train.conv_kernels must be one of {KERNELS}, got {kernels!r}")
+    for m in net.modules():
+        if isinstance(m, PIGGYBACK_LAYERS):
+            m.conv_kernels = kernels

@@ -1,0 +1,63 @@
+"""Which kernel runs a piggyback layer's convolution while training (`train.conv_kernels`).
+
+`direct` calls F.conv2d / F.conv_transpose2d (oneDNN on the CPU, cuDNN on a GPU) everywhere. `auto`
+does the same except where that kernel is slow for a reason the arithmetic does not explain: on the CPU,
+a convolution whose output (or, transposed, whose input) has only a few pixels but whose weight is large
+(the inner layers of a U-Net: 512 x 512 x 4 x 4 filters on 1x1 to 8x8 maps) spends most of its forward
+and backward time outside the multiply-adds. There `auto` writes the same linear map as one matrix
+product over unfolded patches (im2col; col2im for the transposed convolution), which PyTorch's GEMM runs
+near the machine's speed, forward and backward (autograd through `unfold`/`fold` and `matmul`).
+
+The result is the same convolution summed in another order: equal to the direct kernel within float
+tolerance (tests/test_convkernels.py), not bit-identical, so the choice is a params key. It applies only
+while gradients are recorded (training steps): evaluation, probes, audit and serving run the direct
+kernel, so a checkpoint's recorded probes reproduce bit for bit whatever the setting. The choice depends
+only on shapes and device, never on timing, so a run is as deterministic as before.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KERNELS = ("direct", "auto")
+
+#: GEMM columns (batch x output pixels of a convolution, batch x input pixels of a transposed one) up to
+#: which `auto` takes the matrix product on the CPU; measured with benchmarks/convkernels.py on the
+#: U-Net's inner layers (README, "Benchmarks").
+GEMM_MAX_COLUMNS = {"conv": 64, "transposed": 256}
+
+
+def use_gemm(kernels: str, transposed: bool, x: Tensor, out_hw: Sequence[int]) -> bool:
+    """Whether `auto` takes the matrix-product path for input `x` (N, C, H, W) with output size `out_hw`."""
+    if kernels != "auto" or x.device.type != "cpu" or x.dtype != torch.float32 or not torch.is_grad_enabled():
+        return False
+    n, _, h, w = x.shape
+    columns = n * (h * w if transposed else out_hw[0] * out_hw[1])
+    return columns <= GEMM_MAX_COLUMNS["transposed" if transposed else "conv"]
+
+
+def conv2d_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                padding: Sequence[int]) -> Tensor:
+    """F.conv2d(x, weight, bias, stride, padding) (dilation 1, groups 1) as weight @ im2col(x)."""
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    ho = (h + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+    cols = F.unfold(x, (kh, kw), padding=tuple(padding), stride=tuple(stride))      # (N, C*kh*kw, L)
+    y = torch.matmul(weight.reshape(o, -1), cols).view(n, o, ho, wo)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+def conv_transpose2d_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                          padding: Sequence[int], output_padding: Sequence[int]) -> Tensor:
+    """F.conv_transpose2d (dilation 1, groups 1; weight (C_in, C_out, kh, kw)) as col2im(weight^T @ x)."""
+    n, c, h, w = x.shape
+    _, o, kh, kw = weight.shape
+    ho = (h - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0]
+    wo = (w - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1]
+    cols = torch.matmul(weight.reshape(c, o * kh * kw).t(), x.reshape(n, c, h * w))  # (N, C_out*kh*kw, H*W)
+    y = F.fold(cols, (ho, wo), (kh, kw), padding=tuple(padding), stride=tuple(stride))
+    return y if bias is None else y + bias.view(1, -1, 1, 1)

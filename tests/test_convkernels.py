@@ -1,0 +1,116 @@
+"""`train.conv_kernels`: the matrix-product convolution equals the direct kernel within float tolerance,
+forward and every gradient; `auto` takes it only where the rule says (shapes, CPU, float32, training)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from piggyback import convkernels as ck
+from piggyback.layers import PiggybackConv2d, PiggybackConvTranspose2d, set_conv_kernels
+
+# The same sums in another order: float32 rounding, a few ulps of the largest term per output.
+RTOL, ATOL = 1e-5, 1e-5
+
+CONV_CASES = [  # (N, C, O, H, W, k, stride, padding)
+    (1, 8, 6, 4, 4, 4, 2, 1), (2, 5, 7, 5, 3, 3, 1, 1), (3, 4, 4, 2, 2, 4, 2, 1),
+    (1, 3, 9, 7, 6, 3, 2, 0), (2, 6, 3, 2, 2, 4, 2, 1),
+]
+TRANSPOSED_CASES = [  # (N, C, O, H, W, k, stride, padding, output_padding)
+    (1, 8, 6, 2, 2, 4, 2, 1, 0), (2, 5, 7, 3, 1, 3, 2, 1, 1), (1, 4, 3, 1, 1, 4, 2, 1, 0),
+    (3, 6, 5, 4, 3, 3, 1, 1, 0),
+]
+
+
+def _grads(fn, *tensors):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    y = fn(*tensors)
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    return y.detach(), [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_gemm_equals_conv2d(case, dtype):
+    n, c, o, h, w, k, s, p = case
+    g = torch.Generator().manual_seed(sum(case))
+    x, wt, b = (torch.randn(*shape, generator=g, dtype=dtype) for shape in ((n, c, h, w), (o, c, k, k), (o,)))
+    y0, g0 = _grads(lambda x, wt, b: F.conv2d(x, wt, b, s, p), x, wt, b)
+    y1, g1 = _grads(lambda x, wt, b: ck.conv2d_gemm(x, wt, b, (s, s), (p, p)), x, wt, b)
+    tol = dict(rtol=RTOL, atol=ATOL) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y1, y0, **tol)
+    for a, e in zip(g1, g0):
+        torch.testing.assert_close(a, e, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", TRANSPOSED_CASES)
+def test_conv_transpose2d_gemm_equals_conv_transpose2d(case, dtype):
+    n, c, o, h, w, k, s, p, op = case
+    g = torch.Generator().manual_seed(sum(case))
+    x, wt, b = (torch.randn(*shape, generator=g, dtype=dtype) for shape in ((n, c, h, w), (c, o, k, k), (o,)))
+    y0, g0 = _grads(lambda x, wt, b: F.conv_transpose2d(x, wt, b, s, p, op), x, wt, b)
+    y1, g1 = _grads(lambda x, wt, b: ck.conv_transpose2d_gemm(x, wt, b, (s, s), (p, p), (op, op)), x, wt, b)
+    tol = dict(rtol=RTOL, atol=ATOL) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y1, y0, **tol)
+    for a, e in zip(g1, g0):
+        torch.testing.assert_close(a, e, **tol)
+
+
+def test_auto_rule_follows_shape_device_dtype_and_grad_mode():
+    small, large = torch.zeros(1, 4, 4, 4), torch.zeros(4, 4, 32, 32)
+    assert ck.use_gemm("auto", False, small, (2, 2)) and ck.use_gemm("auto", True, small, (8, 8))
+    assert not ck.use_gemm("auto", False, large, (16, 16)) and not ck.use_gemm("auto", True, large, (64, 64))
+    assert not ck.use_gemm("direct", False, small, (2, 2))
+    assert not ck.use_gemm("auto", False, small.double(), (2, 2))
+    with torch.no_grad():
+        assert not ck.use_gemm("auto", False, small, (2, 2))   # evaluation, probes, audit: direct kernel
+
+
+def _three_task_layer(transposed: bool):
+    """A 4x4 stride-2 piggyback layer training task 3 (tasks 1-2 frozen), as in a U-Net."""
+    torch.manual_seed(0)
+    layer = PiggybackConvTranspose2d(6, 8, 4, 2, 1) if transposed else PiggybackConv2d(6, 8, 4, 2, 1)
+    for lam in (None, 0.25, 0.25):
+        layer.add_task(lam)
+    return layer
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_piggyback_layer_training_step_equal_and_inference_bit_identical(transposed, monkeypatch):
+    """A task-3 piggyback layer with `auto`: the training forward/backward within tolerance of `direct`,
+    every order (compose, mix outputs); under no_grad bit-identical (the direct kernel runs)."""
+    import piggyback.layers as layers
+
+    name = "conv_transpose2d_gemm" if transposed else "conv2d_gemm"
+    calls = []
+    real = getattr(layers, name)
+    monkeypatch.setattr(layers, name, lambda *a: calls.append(1) or real(*a))
+    for order in ("compose", "mix_outputs"):
+        layer = _three_task_layer(transposed)
+        x = torch.randn(2, layer.in_channels, 2, 2, generator=torch.Generator().manual_seed(1))
+        outs, grads = [], []
+        for kernels in ("direct", "auto"):
+            set_conv_kernels(layer, kernels)
+            layer.zero_grad()
+            old, type(layer).order = type(layer).order, order
+            try:
+                y = layer(x)
+                y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+                with torch.no_grad():
+                    outs.append((y.detach(), layer(x)))
+            finally:
+                type(layer).order = old
+            grads.append([p.grad.clone() for p in layer.parameters() if p.grad is not None])
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=RTOL, atol=ATOL)
+        assert torch.equal(outs[1][1], outs[0][1])
+        assert len(grads[0]) == len(grads[1]) > 0
+        assert calls, "auto did not take the matrix-product path"
+        calls.clear()
+        for a, e in zip(grads[1], grads[0]):
+            torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL)
+
+
+def test_set_conv_kernels_refuses_unknown_names():
+    with pytest.raises(ValueError, match="train.conv_kernels"):
+        set_conv_kernels(PiggybackConv2d(2, 2, 3), "fast")
