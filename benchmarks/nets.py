@@ -269,7 +269,8 @@ def compose_time(net: nn.Module, device: torch.device, repeats: int = 5) -> dict
 # -- the real recipe (discriminators, pools, GAN losses) --------------------------------------------
 #: Variants of our recipe step, each one lever away from the default (`train.*` keys of the same name).
 LEVERS = {"unbatched": {"batch_calls": False}, "adam_foreach": {"adam_impl": "foreach"},
-          "adam_fused": {"adam_impl": "fused"}, "channels_last": {"channels_last": True}}
+          "adam_fused": {"adam_impl": "fused"}, "channels_last": {"channels_last": True},
+          "winograd": {"conv3x3": "winograd"}}
 
 
 def _recipe_nets(case: Case, which: str, device: torch.device, channels_last: bool, seed: int) -> dict:
@@ -287,14 +288,16 @@ def _recipe_nets(case: Case, which: str, device: torch.device, channels_last: bo
 
 
 def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: bool, seed: int = 0,
-                   batch_calls: bool = True, adam_impl: str = "default") -> tuple[Callable[[], object], dict]:
+                   batch_calls: bool = True, adam_impl: str = "default",
+                   conv3x3: str = "direct") -> tuple[Callable[[], object], dict]:
     """One full iteration of the case's recipe as training runs it (`cyclegan.train_step` / `pix2pix.train_step`).
 
     The generators are `which` (plain | task1 | task3), the optimisers the recipe's Adam (G: the
-    generators' trainable tensors; D: all of D) in `adam_impl`, precision bf16 autocast on CUDA; batch 1.
-    Returns (step, info).
+    generators' trainable tensors; D: all of D) in `adam_impl`, precision bf16 autocast on CUDA; batch 1;
+    the piggyback 3x3 convolutions as `conv3x3` (train.conv3x3). Returns (step, info).
     """
     from piggyback.config import CycleGANConfig, Pix2PixConfig
+    from piggyback.layers import conv3x3_mode
     from piggyback.losses import GANLoss
     from piggyback.models import recipe
 
@@ -310,10 +313,11 @@ def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: 
     real_A, real_B = inputs(case, device, channels_last, seed=seed + 1)
 
     def step():
-        return R.train_step(nets, opt, real_A, real_B, StepTools(gan, mcfg, pools, prec, batch_calls))
+        with conv3x3_mode(conv3x3):
+            return R.train_step(nets, opt, real_A, real_B, StepTools(gan, mcfg, pools, prec, batch_calls))
 
     info = {"recipe": mode, "generators": list(R.GENERATORS), "discriminators": list(R.DISCRIMINATORS),
-            "batch_calls": batch_calls, "adam_impl": adam_impl, "channels_last": channels_last,
+            "batch_calls": batch_calls, "adam_impl": adam_impl, "channels_last": channels_last, "conv3x3": conv3x3,
             "trainable_G": sum(p.numel() for k in R.GENERATORS for p in trainable(nets[k])),
             "params_D": sum(p.numel() for k in R.DISCRIMINATORS for p in nets[k].parameters())}
     return step, info

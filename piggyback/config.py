@@ -172,6 +172,7 @@ class TrainConfig:
     channels_last: bool = False
     batch_calls: bool = False          # One call for independent calls through a per-sample network (exact outputs).
     adam_impl: str = "default"         # default (PyTorch's per device) | loop | foreach (bit-identical) | fused
+    conv3x3: str = "direct"            # direct (F.conv2d) | winograd (3x3 stride-1 convolutions of wide layers, CPU)
     log_every: int = 10                # Iterations between loss logs to MLflow.
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
     pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
@@ -232,6 +233,7 @@ CHOICES = {
     "TrainConfig.method": {"piggyback", "separate", "finetune"},
     "TrainConfig.amp": {"none", "bf16", "fp16"},
     "TrainConfig.adam_impl": {"default", "foreach", "fused", "loop"},
+    "TrainConfig.conv3x3": {"direct", "winograd"},
     "TaskConfig.mode": {"cyclegan", "pix2pix"},
     "TaskConfig.direction": {"AtoB", "BtoA"},
 }

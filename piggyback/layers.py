@@ -10,13 +10,15 @@ piggyback weight matrix W_t -> `mix_weights`, lambda -> `lam`, m = ceil(lam * n)
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fastconv
 from .config import check_lam
 from .taskmodule import TaskModule
 
@@ -207,7 +209,7 @@ class _PiggybackConvNd(TaskModule):
         state = self.task_state(t)
         mix = state.get("mix")
         if mix is None or mix.shape[1] == 0 or self.order_for(x, mix.shape[0], mix.shape[1]) == "compose":
-            return self._conv(x, self._composed(t), state.get("bias"))
+            return self._conv(x, self._composed(t), state.get("bias"), task=t)
         bank = self.filter_bank.narrow(self.filter_dim, 0, mix.shape[0])
         filters = state["filters"]
         if self.transposed:   # slices on dim 1 are strided: a fixed layout however large the bank grows
@@ -269,8 +271,30 @@ class PiggybackConv2d(_PiggybackConvNd):
                  bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias)
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    #: "direct" (F.conv2d) or "winograd": class-wide, set for the training loop by `conv3x3_mode`
+    #: (train.conv3x3). "winograd" computes the 3x3 stride-1 unpadded convolutions that
+    #: `fastconv.supported` and `fastconv.worthwhile` accept by F(4x4, 3x3) (float rounding differs).
+    conv3x3 = "direct"
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], task: Optional[int] = None) -> Tensor:
+        """F.conv2d, or Winograd (see `conv3x3`). `task`: `weight` is that task's composed weight, whose
+        Winograd transform is then kept for the `cache_composed_weights` scope like the weight itself."""
+        if (self.conv3x3 == "winograd" and fastconv.supported(x, weight, self.stride, self.padding)
+                and fastconv.worthwhile(x, weight)):
+            tile = fastconv.choose_tile(x, weight)
+            transformed = self._transformed(task, weight, tile)
+            return fastconv.winograd_conv3x3(x, weight, bias, tile=tile, transformed=transformed)
         return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def _transformed(self, task: Optional[int], weight: Tensor, tile: int) -> Optional[Tensor]:
+        """fastconv.winograd_weight of task `task`'s composed weight, once per cache scope (None: no scope)."""
+        cache = self._weight_cache
+        if cache is None or task is None:
+            return None
+        key = (task, torch.is_grad_enabled(), torch.is_autocast_enabled(), "winograd", tile)
+        if key not in cache:
+            cache[key] = fastconv.winograd_weight(weight, tile)
+        return cache[key]
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -296,7 +320,7 @@ class PiggybackConvTranspose2d(_PiggybackConvNd):
                  output_padding: int | tuple[int, int] = 0, bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, output_padding)
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], task: Optional[int] = None) -> Tensor:
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
@@ -321,3 +345,16 @@ def _copy_dense(conv: nn.Module, layer: _PiggybackConvNd, t: int) -> None:
 
 
 PIGGYBACK_LAYERS = (PiggybackConv2d, PiggybackConvTranspose2d)
+CONV3X3 = ("direct", "winograd")
+
+
+@contextlib.contextmanager
+def conv3x3_mode(mode: str) -> Iterator[None]:
+    """Set `PiggybackConv2d.conv3x3` (train.conv3x3: direct | winograd) for the block, then restore it."""
+    if mode not in CONV3X3:
+        raise ValueError(f"train.conv3x3 must be one of {CONV3X3}, got {mode!r}")
+    before, PiggybackConv2d.conv3x3 = PiggybackConv2d.conv3x3, mode
+    try:
+        yield
+    finally:
+        PiggybackConv2d.conv3x3 = before

@@ -25,6 +25,7 @@ from piggyback import models, probes, snapshot
 from piggyback.checkpoint import check_compatible, load_lifelong, load_probes, read_meta, save_lifelong
 from piggyback.config import Params, as_dict, dataset_data, task_recipe
 from piggyback.fsutil import atomic_write_text, remove_stale_temps, sha256_file
+from piggyback.layers import conv3x3_mode
 from piggyback.losses import GANLoss
 from piggyback.metricsfile import write_metrics
 from piggyback.progress import progress_bar
@@ -162,9 +163,10 @@ def train_task(params: Params, task: str, paths: TaskPaths, *, device: torch.dev
             loop.progress.write(f"train@{task}: {recipe.mode} on {recipe.dataset}, {epochs} epochs x {n} steps "
                                 f"(batch {cfg.batch_size} x {world} rank{'s' * (world > 1)}): {total} steps"
                                 + (f", from step {state.step}" if state.step else "") + "; time left after 5 steps")
-            while state.epoch < epochs and state.step < total:
-                visuals = _train_epoch(state, loop)
-                _end_epoch(state, loop, visuals)
+            with conv3x3_mode(cfg.conv3x3):     # train.conv3x3: the training steps only (not the probes)
+                while state.epoch < epochs and state.step < total:
+                    visuals = _train_epoch(state, loop)
+                    _end_epoch(state, loop, visuals)
             loop.progress.close()
 
             # Finish: replicas agree, the task frozen, probes recorded; models/<task>/ and the metrics files.
