@@ -194,19 +194,20 @@ def _input_backward(grad_v: Tensor, tile: int, shape: tuple[int, int, int, int])
     bk = _kron(tile, "BT", grad_v.dtype, grad_v.device)
     dd = torch.mm(bk.t(), grad_v.reshape(alpha * alpha, -1)).view(alpha, alpha, c, n, th, tw)
     dd = dd.permute(3, 2, 4, 0, 5, 1)                        # (N, C, th, i, tw, j)
-    # Buffer one tile larger than the tiled area so every overlap slice is a plain view.
-    hb, wb = tile * (th + 1), tile * (tw + 1)
-    dx = torch.empty((n, c, hb, wb), dtype=grad_v.dtype, device=grad_v.device)
-    dx[:, :, tile * th:].zero_()
-    dx[:, :, :tile * th, tile * tw:].zero_()
+    hp, wp = tile * th + 2, tile * tw + 2                   # the (padded) input the tiles cover
+    dx = torch.empty((n, c, hp, wp), dtype=grad_v.dtype, device=grad_v.device)
+    dx[:, :, tile * th:].zero_()                            # the last 2 rows and columns get only the
+    dx[:, :, :tile * th, tile * tw:].zero_()                # overlap adds below
+    sn, sc, sh, sw = dx.stride()
 
-    def tiles(r0: int, c0: int) -> Tensor:   # (N, C, th, i, tw, j) view of the tiled area from (r0, c0)
-        return dx[:, :, r0:r0 + tile * th, c0:c0 + tile * tw].unflatten(3, (tw, tile)).unflatten(2, (th, tile))
-    tiles(0, 0).copy_(dd[:, :, :, :tile, :, :tile])         # each pixel of the tiled area once
-    tiles(0, tile)[:, :, :, :, :, :2].add_(dd[:, :, :, :tile, :, tile:])      # the 2 overlapping columns
-    tiles(tile, 0)[:, :, :, :2].add_(dd[:, :, :, tile:, :, :tile])            # the 2 overlapping rows
-    tiles(tile, tile)[:, :, :, :2, :, :2].add_(dd[:, :, :, tile:, :, tile:])  # the overlapping corners
-    return dx[:, :, :h, :w]
+    def tiles(r0: int, c0: int, rows: int, cols: int) -> Tensor:
+        """(N, C, th, rows, tw, cols) view: pixel (r0 + i, c0 + j) of every tile."""
+        return dx.as_strided((n, c, th, rows, tw, cols), (sn, sc, tile * sh, sh, tile * sw, sw), r0 * sh + c0 * sw)
+    tiles(0, 0, tile, tile).copy_(dd[:, :, :, :tile, :, :tile])    # each pixel of the tiled area once
+    tiles(0, tile, tile, 2).add_(dd[:, :, :, :tile, :, tile:])     # the 2 columns shared with the next tile
+    tiles(tile, 0, 2, tile).add_(dd[:, :, :, tile:, :, :tile])     # the 2 rows shared with the next tile
+    tiles(tile, tile, 2, 2).add_(dd[:, :, :, tile:, :, tile:])     # the corners
+    return dx if (hp, wp) == (h, w) else dx[:, :, :h, :w].contiguous()
 
 
 def _output_forward(m: Tensor, tile: int, n: int, ho: int, wo: int, bias: Optional[Tensor]) -> Tensor:
