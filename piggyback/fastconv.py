@@ -16,9 +16,11 @@ long axis of channels x tiles) or, for the input tiles, as a strided convolution
 V and U come out in layouts whose (C, tiles) and (K, C) matrices the batched matmul reads in place.
 
 Measured on a 2-core Zen 4 against oneDNN's direct convolution (forward + backward, batch 1, 256
-channels): 0.70x at 32x32 output, 0.56x at 64x64; three batched matmuls (~6.5 ms at 32x32) and the
-transforms (~6 ms, memory-bound: plain PyTorch ops, no fused kernel) share the time about evenly. Narrow
-layers or small maps are slower than direct: see `worthwhile`.
+channels): 0.71x at 32x32 output, 0.54x-0.59x at 64x64. At 32x32 the three batched matmuls take ~6.5 ms
+and the transforms ~5 ms (memory-bound plain PyTorch ops, no fused kernel); the ~25 MB of temporaries
+make it sensitive to the allocator: in iterations where glibc has trimmed its heap and the pages fault
+back in, it takes ~40 % longer (medians of 0.83x seen). Narrow layers or small maps are not faster than
+direct: see `worthwhile`.
 
 Only float32/float64 CPU tensors with a 3x3 kernel, stride 1, dilation 1, groups 1 and padding 0 take
 this path (the callers pad); anything else falls back to F.conv2d. The result equals F.conv2d up to float
@@ -110,10 +112,11 @@ def worthwhile(x: Tensor, weight: Tensor) -> bool:
 
     The batched matmul shrinks 4x, but the transforms cost memory traffic of the order of (C + K) per tile
     and 36 K C for the filters, which only enough channels and tiles pay for. Measured on a 2-core Zen 4
-    (float32, batch 1, forward + backward, F(4x4, 3x3) / F.conv2d): 256 channels 0.70x at 32x32 output,
-    0.56x at 64x64, 1.8x at 16x16; 128 channels 0.88x at 64x64, 1.27x at 32x32; 64 channels 1.2x to
-    1.9x from 32x32 to 128x128. Hence: at least 128 channels in and out, and at least 16384 (tile,
-    channel) pairs over the batch (256 channels: 64 tiles, 32x32 output; 128 channels: 128 tiles).
+    (float32, batch 1, forward + backward, F(4x4, 3x3) / F.conv2d, median of interleaved rounds): 256
+    channels 0.71x-0.83x at 32x32 output, 0.54x-0.59x at 64x64, 1.56x at 16x16; 128 channels 0.86x at
+    64x64, 0.95x at 32x32; 64 channels 0.98x-1.18x from 32x32 to 128x128. Hence: at least 128 channels
+    in and out, and at least 16384 (tile, channel) pairs over the batch (256 channels: 64 tiles, a 32x32
+    output; 128 channels: 128 tiles).
     """
     channels = min(x.shape[1], weight.shape[0])
     tiles = x.shape[0] * -(-(x.shape[2] - 2) // 4) * -(-(x.shape[3] - 2) // 4)
