@@ -17,7 +17,7 @@ V and U come out in layouts whose (C, tiles) and (K, C) matrices the batched mat
 
 Measured on a 2-core Zen 4 against oneDNN's direct convolution (forward + backward, batch 1, 256
 channels): 0.71x at 32x32 output, 0.54x-0.59x at 64x64. At 32x32 the three batched matmuls take ~6.5 ms
-and the transforms ~5 ms (memory-bound plain PyTorch ops, no fused kernel); the ~25 MB of temporaries
+and the transforms ~5-6 ms (memory-bound plain PyTorch ops, no fused kernel); the ~25 MB of temporaries
 make it sensitive to the allocator: in iterations where glibc has trimmed its heap and the pages fault
 back in, it takes ~40 % longer (medians of 0.83x seen). Narrow layers or small maps are not faster than
 direct: see `worthwhile`.
