@@ -21,7 +21,7 @@ a short table and writes ``benchmarks/results/latest.json`` (git-ignored). What 
   straightforward iteration of ``benchmarks/reference.py`` (junyanz's structure: six generator calls,
   separate discriminator calls for real and fake, float32, eager, default Adam) on plain networks holding
   the same weights. ``levers`` in each ``train_recipe`` case: our step one switch away from the default
-  (``unbatched``, ``adam_foreach``, ``adam_fused``, ``channels_last``) over the default step.
+  (``unbatched``, ``adam_foreach``, ``adam_fused``, ``channels_last``, ``direct_kernels``) over the default step.
 - ``infer_overhead``: a materialised task-3 network (``lifelong.materialize``) against an independently
   built plain network with the same weights (eval mode, inference mode, batch 1; resnet_9blocks at 256x256,
   128x128 with ``--quick``; every case in ``infer``). The piggyback network run directly (weights composed

@@ -1,26 +1,35 @@
 """Which kernel runs a piggyback layer's convolution while training (`train.conv_kernels`).
 
 `direct` calls F.conv2d / F.conv_transpose2d (oneDNN on the CPU, cuDNN on a GPU) everywhere. `auto`
-does the same except where that kernel is slow for a reason the arithmetic does not explain: on the CPU,
-a convolution whose output (or, transposed, whose input) has only a few pixels but whose weight is large
-(the inner layers of a U-Net: 512 x 512 x 4 x 4 filters on 1x1 to 8x8 maps) spends most of its forward
-and backward time outside the multiply-adds. There `auto` writes the same linear map as one matrix
-product over unfolded patches (im2col; col2im for the transposed convolution), which PyTorch's GEMM runs
-near the machine's speed, forward and backward (autograd through `unfold`/`fold` and `matmul`).
+(the default) takes, on the CPU, a kernel measured faster for the same sums where one exists:
 
-The result is the same convolution summed in another order: equal to the direct kernel within float
-tolerance (tests/test_convkernels.py), not bit-identical, so the choice is a params key. It applies only
-while gradients are recorded (training steps): evaluation, probes, audit and serving run the direct
-kernel, so a checkpoint's recorded probes reproduce bit for bit whatever the setting. The choice depends
-only on shapes and device, never on timing, so a run is as deterministic as before.
+- `winograd`: the 3x3 stride-1 convolutions of wide layers (the ResNet blocks: 256 channels) by
+  Winograd minimal filtering F(4x4, 3x3), piggyback/fastconv.py: 4x fewer multiplications; at least 128
+  channels in and out and enough tiles (`fastconv.worthwhile`), below that the transforms cost more
+  than they save.
+- `gemm`: a convolution whose output (or, transposed, whose input) has only a few pixels but whose
+  weight is large (the inner layers of a U-Net: 512 x 512 x 4 x 4 filters on 1x1 to 8x8 maps), where
+  oneDNN spends most of the time outside the multiply-adds: the same linear map as one matrix product
+  over unfolded patches (im2col; col2im for the transposed convolution), forward and backward through
+  autograd.
+
+Both compute the same convolution with the sums in another order: equal to the direct kernel within
+float tolerance (tests/test_fastconv.py, tests/test_convkernels.py, tests/test_step_equality.py), not
+bit-identical, so the choice is a params key. They apply only while gradients are recorded (training
+steps): evaluation, probes, audit and serving run the direct kernel, so a checkpoint's recorded probes
+reproduce bit for bit whatever the setting. The choice depends only on shapes, dtype and device, never
+on timing, so a run is as deterministic as before; the embedded suite's narrow networks (ngf 16, maps of
+16x16 and more) take `direct` everywhere, so its published numbers are unchanged.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import fastconv
 
 KERNELS = ("direct", "auto")
 
@@ -28,6 +37,17 @@ KERNELS = ("direct", "auto")
 #: which `auto` takes the matrix product on the CPU; measured with benchmarks/convkernels.py on the
 #: U-Net's inner layers (README, "Benchmarks").
 GEMM_MAX_COLUMNS = {"conv": 64, "transposed": 256}
+
+
+def choose_kernel(kernels: str, x: Tensor, weight: Tensor, stride, padding,
+                  out_hw: Callable[[int, int], tuple[int, int]], transposed: bool = False) -> str:
+    """`direct`, `winograd` or `gemm` for a layer set to `kernels` convolving `x` with `weight`
+    (`out_hw(h, w)`: the layer's output size)."""
+    if kernels != "auto" or not torch.is_grad_enabled() or x.dim() != 4:
+        return "direct"
+    if not transposed and fastconv.supported(x, weight, stride, padding) and fastconv.worthwhile(x, weight):
+        return "winograd"
+    return "gemm" if use_gemm(kernels, transposed, x, out_hw(*x.shape[2:])) else "direct"
 
 
 def use_gemm(kernels: str, transposed: bool, x: Tensor, out_hw: Sequence[int]) -> bool:

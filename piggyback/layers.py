@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fastconv
 from .config import check_lam
-from .convkernels import conv2d_gemm, conv_transpose2d_gemm, use_gemm
+from .convkernels import choose_kernel, conv2d_gemm, conv_transpose2d_gemm
 from .taskmodule import TaskModule
 
 
@@ -208,7 +209,7 @@ class _PiggybackConvNd(TaskModule):
         state = self.task_state(t)
         mix = state.get("mix")
         if mix is None or mix.shape[1] == 0 or self.order_for(x, mix.shape[0], mix.shape[1]) == "compose":
-            return self._conv(x, self._composed(t), state.get("bias"))
+            return self._conv(x, self._composed(t), state.get("bias"), task=t)
         bank = self.filter_bank.narrow(self.filter_dim, 0, mix.shape[0])
         filters = state["filters"]
         if self.transposed:   # slices on dim 1 are strided: a fixed layout however large the bank grows
@@ -274,10 +275,28 @@ class PiggybackConv2d(_PiggybackConvNd):
                  bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias)
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if x.dim() == 4 and use_gemm(self.conv_kernels, False, x, self._out_hw(*x.shape[2:])):
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], task: Optional[int] = None) -> Tensor:
+        """F.conv2d, or while training with `conv_kernels: auto` a faster kernel for the same sums
+        (piggyback/convkernels.py). `task`: `weight` is that task's composed weight, whose Winograd
+        transform is then kept for the `cache_composed_weights` scope like the weight itself."""
+        kernel = choose_kernel(self.conv_kernels, x, weight, self.stride, self.padding, self._out_hw)
+        if kernel == "winograd":
+            tile = fastconv.choose_tile(x, weight)
+            transformed = self._transformed(task, weight, tile)
+            return fastconv.winograd_conv3x3(x, weight, bias, tile=tile, transformed=transformed)
+        if kernel == "gemm":
             return conv2d_gemm(x, weight, bias, self.stride, self.padding)
         return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def _transformed(self, task: Optional[int], weight: Tensor, tile: int) -> Optional[Tensor]:
+        """fastconv.winograd_weight of task `task`'s composed weight, once per cache scope (None: no scope)."""
+        cache = self._weight_cache
+        if cache is None or task is None:
+            return None
+        key = (task, torch.is_grad_enabled(), torch.is_autocast_enabled(), "winograd", tile)
+        if key not in cache:
+            cache[key] = fastconv.winograd_weight(weight, tile)
+        return cache[key]
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -303,8 +322,10 @@ class PiggybackConvTranspose2d(_PiggybackConvNd):
                  output_padding: int | tuple[int, int] = 0, bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, output_padding)
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if x.dim() == 4 and use_gemm(self.conv_kernels, True, x, self._out_hw(*x.shape[2:])):
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], task: Optional[int] = None) -> Tensor:
+        """F.conv_transpose2d, or while training with `conv_kernels: auto` the same sums as a matrix product
+        where that is faster (piggyback/convkernels.py)."""
+        if choose_kernel(self.conv_kernels, x, weight, self.stride, self.padding, self._out_hw, transposed=True) == "gemm":
             return conv_transpose2d_gemm(x, weight, bias, self.stride, self.padding, self.output_padding)
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
 
