@@ -37,6 +37,8 @@ KERNELS = ("direct", "auto")
 #: which `auto` takes the matrix product on the CPU; measured with benchmarks/convkernels.py on the
 #: U-Net's inner layers (README, "Benchmarks").
 GEMM_MAX_COLUMNS = {"conv": 64, "transposed": 256}
+#: ... and weights of at least this many elements (256 x 256 x 4 x 4): small weights are no trouble for oneDNN.
+GEMM_MIN_WEIGHT = 1 << 20
 
 
 def choose_kernel(kernels: str, x: Tensor, weight: Tensor, stride, padding,
@@ -47,7 +49,9 @@ def choose_kernel(kernels: str, x: Tensor, weight: Tensor, stride, padding,
         return "direct"
     if not transposed and fastconv.supported(x, weight, stride, padding) and fastconv.worthwhile(x, weight):
         return "winograd"
-    return "gemm" if use_gemm(kernels, transposed, x, out_hw(*x.shape[2:])) else "direct"
+    if weight.numel() >= GEMM_MIN_WEIGHT and use_gemm(kernels, transposed, x, out_hw(*x.shape[2:])):
+        return "gemm"
+    return "direct"
 
 
 def use_gemm(kernels: str, transposed: bool, x: Tensor, out_hw: Sequence[int]) -> bool:

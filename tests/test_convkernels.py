@@ -83,6 +83,7 @@ def test_piggyback_layer_training_step_equal_and_inference_bit_identical(transpo
     import piggyback.layers as layers
 
     name = "conv_transpose2d_gemm" if transposed else "conv2d_gemm"
+    monkeypatch.setattr(ck, "GEMM_MIN_WEIGHT", 0)            # the test layer's weight is small
     calls = []
     real = getattr(layers, name)
     monkeypatch.setattr(layers, name, lambda *a: calls.append(1) or real(*a))
@@ -109,6 +110,25 @@ def test_piggyback_layer_training_step_equal_and_inference_bit_identical(transpo
         calls.clear()
         for a, e in zip(grads[1], grads[0]):
             torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL)
+
+
+def test_choose_kernel_on_the_shapes_that_matter():
+    """ResNet blocks at ngf 64: Winograd; U-Net inner layers: matrix products; the embedded suite's narrow
+    networks (ngf 16, batch 1 included) and every large map: the direct kernel."""
+    conv_out = lambda k, s, p: (lambda h, w: ((h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1))  # noqa: E731
+    up_out = lambda h, w: (2 * h, 2 * w)  # noqa: E731
+    e = torch.empty
+    assert ck.choose_kernel("auto", e(1, 256, 34, 34), e(256, 256, 3, 3), 1, 0, conv_out(3, 1, 0)) == "winograd"
+    assert ck.choose_kernel("direct", e(1, 256, 34, 34), e(256, 256, 3, 3), 1, 0, conv_out(3, 1, 0)) == "direct"
+    assert ck.choose_kernel("auto", e(1, 512, 8, 8), e(512, 512, 4, 4), 2, 1, conv_out(4, 2, 1)) == "gemm"
+    assert ck.choose_kernel("auto", e(1, 1024, 4, 4), e(1024, 512, 4, 4), 2, 1, up_out, transposed=True) == "gemm"
+    assert ck.choose_kernel("auto", e(1, 128, 128, 128), e(128, 64, 4, 4), 2, 1, up_out, transposed=True) == "direct"
+    for n in (1, 4):    # embedded suite: resnet_6blocks, ngf 16, 64x64 crops
+        assert ck.choose_kernel("auto", e(n, 64, 18, 18), e(64, 64, 3, 3), 1, 0, conv_out(3, 1, 0)) == "direct"
+        assert ck.choose_kernel("auto", e(n, 64, 16, 16), e(64, 32, 3, 3), 2, 1, up_out, transposed=True) == "direct"
+        assert ck.choose_kernel("auto", e(n, 32, 32, 32), e(64, 32, 3, 3), 2, 1, conv_out(3, 2, 1)) == "direct"
+    with torch.no_grad():
+        assert ck.choose_kernel("auto", e(1, 512, 8, 8), e(512, 512, 4, 4), 2, 1, conv_out(4, 2, 1)) == "direct"
 
 
 def test_set_conv_kernels_refuses_unknown_names():
