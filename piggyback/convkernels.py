@@ -33,11 +33,13 @@ from . import fastconv
 
 KERNELS = ("direct", "auto")
 
-#: GEMM columns (batch x output pixels of a convolution, batch x input pixels of a transposed one) up to
-#: which `auto` takes the matrix product on the CPU; measured with benchmarks/convkernels.py on the
-#: U-Net's inner layers (README, "Benchmarks").
+#: Where the matrix product is used: few GEMM columns (batch x output pixels of a convolution, batch x
+#: input pixels of a transposed one) and a weight of at least GEMM_MIN_WEIGHT elements (256 x 256 x 4 x 4;
+#: small weights are no trouble for oneDNN). Measured on the U-Net's inner layers (2-core Zen 4, forward +
+#: backward, interleaved rounds, matrix product / oneDNN): 512->512 4x4 stride-2 convolutions 0.5-0.74 at
+#: 1 to 64 columns; 1024->512 transposed 0.14-0.68 at 1 to 64 columns, 1024->256 0.77 at 256; but 0.99
+#: for 256->512 at 64 columns and 0.9-1.0 for transposed ones at 1024 columns.
 GEMM_MAX_COLUMNS = {"conv": 64, "transposed": 256}
-#: ... and weights of at least this many elements (256 x 256 x 4 x 4): small weights are no trouble for oneDNN.
 GEMM_MIN_WEIGHT = 1 << 20
 
 
@@ -49,18 +51,19 @@ def choose_kernel(kernels: str, x: Tensor, weight: Tensor, stride, padding,
         return "direct"
     if not transposed and fastconv.supported(x, weight, stride, padding) and fastconv.worthwhile(x, weight):
         return "winograd"
-    if weight.numel() >= GEMM_MIN_WEIGHT and use_gemm(kernels, transposed, x, out_hw(*x.shape[2:])):
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.numel() >= GEMM_MIN_WEIGHT
+            and _columns(x, out_hw, transposed) <= GEMM_MAX_COLUMNS["transposed" if transposed else "conv"]):
         return "gemm"
     return "direct"
 
 
-def use_gemm(kernels: str, transposed: bool, x: Tensor, out_hw: Sequence[int]) -> bool:
-    """Whether `auto` takes the matrix-product path for input `x` (N, C, H, W) with output size `out_hw`."""
-    if kernels != "auto" or x.device.type != "cpu" or x.dtype != torch.float32 or not torch.is_grad_enabled():
-        return False
+def _columns(x: Tensor, out_hw: Callable[[int, int], tuple[int, int]], transposed: bool) -> int:
+    """The matrix product's columns for input `x` (N, C, H, W): N x output pixels (transposed: input pixels)."""
     n, _, h, w = x.shape
-    columns = n * (h * w if transposed else out_hw[0] * out_hw[1])
-    return columns <= GEMM_MAX_COLUMNS["transposed" if transposed else "conv"]
+    if transposed:
+        return n * h * w
+    ho, wo = out_hw(h, w)
+    return n * ho * wo
 
 
 def conv2d_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],

@@ -57,14 +57,20 @@ def test_conv_transpose2d_gemm_equals_conv_transpose2d(case, dtype):
         torch.testing.assert_close(a, e, **tol)
 
 
-def test_auto_rule_follows_shape_device_dtype_and_grad_mode():
-    small, large = torch.zeros(1, 4, 4, 4), torch.zeros(4, 4, 32, 32)
-    assert ck.use_gemm("auto", False, small, (2, 2)) and ck.use_gemm("auto", True, small, (8, 8))
-    assert not ck.use_gemm("auto", False, large, (16, 16)) and not ck.use_gemm("auto", True, large, (64, 64))
-    assert not ck.use_gemm("direct", False, small, (2, 2))
-    assert not ck.use_gemm("auto", False, small.double(), (2, 2))
-    with torch.no_grad():
-        assert not ck.use_gemm("auto", False, small, (2, 2))   # evaluation, probes, audit: direct kernel
+def test_auto_rule_follows_shape_weight_device_dtype_and_grad_mode(monkeypatch):
+    same = lambda h, w: (h, w)  # noqa: E731
+    half = lambda h, w: (h // 2, w // 2)  # noqa: E731
+    big, e = torch.empty(1024, 1024, 1, 1), torch.empty
+    assert ck.choose_kernel("auto", e(1, 1024, 16, 16), big, 2, 0, half) == "gemm"            # 64 columns
+    assert ck.choose_kernel("auto", e(1, 1024, 18, 18), big, 2, 0, half) == "direct"          # 81
+    assert ck.choose_kernel("auto", e(4, 1024, 8, 8), big, 1, 0, same, transposed=True) == "gemm"    # 256
+    assert ck.choose_kernel("auto", e(5, 1024, 8, 8), big, 1, 0, same, transposed=True) == "direct"  # 320
+    assert ck.choose_kernel("auto", e(1, 1023, 2, 2), e(1023, 1023, 1, 1), 1, 0, same) == "direct"  # weight < 1M
+    assert ck.choose_kernel("direct", e(1, 1024, 2, 2), big, 1, 0, same) == "direct"
+    assert ck.choose_kernel("auto", e(1, 1024, 2, 2).double(), big.double(), 1, 0, same) == "direct"
+    assert ck.choose_kernel("auto", e(1, 1024, 2, 2, device="meta"), big, 1, 0, same) == "direct"
+    with torch.no_grad():                                       # evaluation, probes, audit: direct kernel
+        assert ck.choose_kernel("auto", e(1, 1024, 2, 2), big, 1, 0, same) == "direct"
 
 
 def _three_task_layer(transposed: bool):
