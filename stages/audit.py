@@ -12,10 +12,8 @@ eval.num_test, the prepared test splits and metrics/tasks/<task>.json).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 from piggyback.audit import audit_checkpoint
 from piggyback import snapshot
@@ -23,13 +21,11 @@ from piggyback.checkpoint import CheckpointError, verify_files
 from piggyback.config import ConfigError, dataset_data, load_params
 from piggyback.metricsfile import info_path, write_metrics
 
+from stages import stage_parser
+
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.audit", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--models", default="models", type=Path, help="checkpoint root (tests)")
-    ap.add_argument("--metrics", default="metrics", type=Path, help="metrics root (tests)")
-    ap.add_argument("--data", default="data/prepared", type=Path, help="prepared datasets root (tests)")
+    ap = stage_parser("audit", __doc__)
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params)

@@ -12,7 +12,6 @@ features are cached in data/fid_cache/ under the repository root ($DVC_ROOT), no
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from piggyback.evaluation import evaluate_task
 from piggyback.metricsfile import write_metrics
 from piggyback.scoring import FidUnavailableError
 from piggyback.tracking import log_evaluation, repo_root
+
+from stages import stage_parser
 
 
 class StageError(RuntimeError):
@@ -34,12 +35,8 @@ def _fmt(metrics: dict, key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.splitlines()[0])
+    ap = stage_parser("evaluate", __doc__)
     ap.add_argument("task", help="task id under `tasks:` in params.yaml")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--models", default="models", type=Path, help="checkpoint root (tests)")
-    ap.add_argument("--data", default="data/prepared", type=Path, help="prepared datasets root (tests)")
-    ap.add_argument("--metrics", default="metrics", type=Path, help="metrics root (tests)")
     ap.add_argument("--out", default="data/translated", type=Path, help="translations root (tests)")
     ap.add_argument("--fid-cache", default=None, type=Path, help="default: <repo root>/data/fid_cache")
     args = ap.parse_args(argv)

@@ -10,22 +10,18 @@ the whole matrix.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from piggyback.checkpoint import CheckpointError
 from piggyback.config import ConfigError, dataset_data, load_params
 from piggyback.matrix import matrix_figure, task_matrix, test_split_scorer
 from piggyback.metricsfile import write_metrics
 
+from stages import stage_parser
+
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.matrix", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--models", default="models", type=Path, help="checkpoint root (tests)")
-    ap.add_argument("--data", default="data/prepared", type=Path, help="prepared datasets root (tests)")
-    ap.add_argument("--metrics", default="metrics", type=Path, help="metrics root (tests)")
+    ap = stage_parser("matrix", __doc__)
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params)
