@@ -294,7 +294,7 @@ def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: 
 
     The generators are `which` (plain | task1 | task3), the optimisers the recipe's Adam (G: the
     generators' trainable tensors; D: all of D) in `adam_impl`, the piggyback layers' training kernels
-    `conv_kernels` (`train.conv_kernels`), precision bf16 autocast on CUDA; batch 1.
+    `conv_kernels` (`train.conv_kernels`, generators and discriminators), precision bf16 autocast on CUDA; batch 1.
     Returns (step, info).
     """
     from piggyback.config import CycleGANConfig, Pix2PixConfig
@@ -305,8 +305,8 @@ def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: 
     R = recipe(mode)
     mcfg = CycleGANConfig() if mode == "cyclegan" else Pix2PixConfig()
     nets = _recipe_nets(case, which, device, channels_last, seed)
-    for k in R.GENERATORS:
-        set_conv_kernels(nets[k], conv_kernels)
+    for net in nets.values():
+        set_conv_kernels(net, conv_kernels)
     opt = {"G": adam([p for k in R.GENERATORS for p in trainable(nets[k])], adam_impl),
            "D": adam([p for k in R.DISCRIMINATORS for p in nets[k].parameters()], adam_impl)}
     prec = _precision(device)

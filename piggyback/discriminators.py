@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .convkernels import Conv2d
+
 DISCRIMINATORS = ("basic", "n_layers", "pixel")
 
 
@@ -31,15 +33,15 @@ class NLayerDiscriminator(nn.Module):
     ):
         super().__init__()
         use_bias = norm == "instance"           # junyanz: no bias before a BatchNorm (or none)
-        seq = [nn.Conv2d(input_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        seq = [Conv2d(input_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers):
             prev, mult = mult, min(2 ** n, 8)
-            seq += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2, 1, bias=use_bias), _plain_norm(norm, ndf * mult),
+            seq += [Conv2d(ndf * prev, ndf * mult, 4, 2, 1, bias=use_bias), _plain_norm(norm, ndf * mult),
                     nn.LeakyReLU(0.2, True)]
         prev, mult = mult, min(2 ** n_layers, 8)
-        seq += [nn.Conv2d(ndf * prev, ndf * mult, 4, 1, 1, bias=use_bias), _plain_norm(norm, ndf * mult),
-                nn.LeakyReLU(0.2, True), nn.Conv2d(ndf * mult, 1, 4, 1, 1)]
+        seq += [Conv2d(ndf * prev, ndf * mult, 4, 1, 1, bias=use_bias), _plain_norm(norm, ndf * mult),
+                nn.LeakyReLU(0.2, True), Conv2d(ndf * mult, 1, 4, 1, 1)]
         self.model = nn.Sequential(*seq)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -53,9 +55,9 @@ class PixelDiscriminator(nn.Module):
         super().__init__()
         use_bias = norm == "instance"
         self.net = nn.Sequential(
-            nn.Conv2d(input_nc, ndf, 1), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf, ndf * 2, 1, bias=use_bias), _plain_norm(norm, ndf * 2), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf * 2, 1, 1, bias=use_bias),
+            Conv2d(input_nc, ndf, 1), nn.LeakyReLU(0.2, True),
+            Conv2d(ndf, ndf * 2, 1, bias=use_bias), _plain_norm(norm, ndf * 2), nn.LeakyReLU(0.2, True),
+            Conv2d(ndf * 2, 1, 1, bias=use_bias),
         )
 
     def forward(self, x: Tensor) -> Tensor:

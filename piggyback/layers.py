@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import fastconv
 from .config import check_lam
-from .convkernels import choose_kernel, conv2d_gemm, conv_transpose2d_gemm
+from .convkernels import conv2d, conv_transpose2d, set_conv_kernels  # noqa: F401
 from .taskmodule import TaskModule
 
 
@@ -279,14 +279,8 @@ class PiggybackConv2d(_PiggybackConvNd):
         """F.conv2d, or while training with `conv_kernels: auto` a faster kernel for the same sums
         (piggyback/convkernels.py). `task`: `weight` is that task's composed weight, whose Winograd
         transform is then kept for the `cache_composed_weights` scope like the weight itself."""
-        kernel = choose_kernel(self.conv_kernels, x, weight, self.stride, self.padding, self._out_hw)
-        if kernel == "winograd":
-            tile = fastconv.choose_tile(x, weight)
-            transformed = self._transformed(task, weight, tile)
-            return fastconv.winograd_conv3x3(x, weight, bias, tile=tile, transformed=transformed)
-        if kernel == "gemm":
-            return conv2d_gemm(x, weight, bias, self.stride, self.padding)
-        return F.conv2d(x, weight, bias, self.stride, self.padding)
+        return conv2d(self.conv_kernels, x, weight, bias, self.stride, self.padding,
+                      transform=lambda tile: self._transformed(task, weight, tile))
 
     def _transformed(self, task: Optional[int], weight: Tensor, tile: int) -> Optional[Tensor]:
         """fastconv.winograd_weight of task `task`'s composed weight, once per cache scope (None: no scope)."""
@@ -325,9 +319,7 @@ class PiggybackConvTranspose2d(_PiggybackConvNd):
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], task: Optional[int] = None) -> Tensor:
         """F.conv_transpose2d, or while training with `conv_kernels: auto` the same sums as a matrix product
         where that is faster (piggyback/convkernels.py)."""
-        if choose_kernel(self.conv_kernels, x, weight, self.stride, self.padding, self._out_hw, transposed=True) == "gemm":
-            return conv_transpose2d_gemm(x, weight, bias, self.stride, self.padding, self.output_padding)
-        return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
+        return conv_transpose2d(self.conv_kernels, x, weight, bias, self.stride, self.padding, self.output_padding)
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (oh, ow) = self.kernel_size, self.stride, self.padding, self.output_padding
@@ -351,14 +343,3 @@ def _copy_dense(conv: nn.Module, layer: _PiggybackConvNd, t: int) -> None:
 
 
 PIGGYBACK_LAYERS = (PiggybackConv2d, PiggybackConvTranspose2d)
-
-
-def set_conv_kernels(net: nn.Module, kernels: str) -> None:
-    """Every piggyback layer of `net` convolves with `kernels` while training (piggyback/convkernels.py)."""
-    from .convkernels import KERNELS
-
-    if kernels not in KERNELS:
-        raise ValueError(f"train.conv_kernels must be one of {KERNELS}, got {kernels!r}")
-    for m in net.modules():
-        if isinstance(m, PIGGYBACK_LAYERS):
-            m.conv_kernels = kernels

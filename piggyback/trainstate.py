@@ -20,7 +20,7 @@ from piggyback import models
 from piggyback import distributed as D
 from piggyback.config import Params, TaskRecipe
 from piggyback.discriminators import build_discriminator
-from piggyback.layers import set_conv_kernels
+from piggyback.convkernels import set_conv_kernels
 from piggyback.lifelong import LifelongModel, task_parameters
 from piggyback.losses import ImagePool
 from piggyback.snapshot import to_cpu
@@ -89,8 +89,8 @@ class TrainState:
         if cfg.channels_last:
             for n in nets.values():
                 n.to(memory_format=torch.channels_last)
-        for g in G.values():
-            set_conv_kernels(g, cfg.conv_kernels)
+        for n in nets.values():
+            set_conv_kernels(n, cfg.conv_kernels)
         adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **models.adam_options(cfg.adam_impl))
         opt = {"G": torch.optim.Adam([p for g in G.values() for p in task_parameters(g)], **adam),
                "D": torch.optim.Adam([p for d in Ds.values() for p in d.parameters()], **adam)}

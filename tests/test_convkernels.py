@@ -86,13 +86,11 @@ def _three_task_layer(transposed: bool):
 def test_piggyback_layer_training_step_equal_and_inference_bit_identical(transposed, monkeypatch):
     """A task-3 piggyback layer with `auto`: the training forward/backward within tolerance of `direct`,
     every order (compose, mix outputs); under no_grad bit-identical (the direct kernel runs)."""
-    import piggyback.layers as layers
-
     name = "conv_transpose2d_gemm" if transposed else "conv2d_gemm"
     monkeypatch.setattr(ck, "GEMM_MIN_WEIGHT", 0)            # the test layer's weight is small
     calls = []
-    real = getattr(layers, name)
-    monkeypatch.setattr(layers, name, lambda *a: calls.append(1) or real(*a))
+    real = getattr(ck, name)
+    monkeypatch.setattr(ck, name, lambda *a: calls.append(1) or real(*a))
     for order in ("compose", "mix_outputs"):
         layer = _three_task_layer(transposed)
         x = torch.randn(2, layer.in_channels, 2, 2, generator=torch.Generator().manual_seed(1))

@@ -95,13 +95,13 @@ def _sync(ours_nets: dict, ours_opt: dict, ref_nets: dict, ref_opt: dict) -> Non
 
 def _run_cyclegan(norm: str, batch_calls: bool, steps: int = 3, kernels: str = "direct", rtol: float = 1e-5):
     """Run both iterations `steps` times from equal states (pool of 2: the third step swaps stored fakes).
-    `kernels`: train.conv_kernels for our generators only (the reference always runs F.conv2d); `rtol`:
+    `kernels`: train.conv_kernels for our networks (the reference always runs F.conv2d); `rtol`:
     the tolerance of the losses and gradients ("G" is held to a tenth of it)."""
     cfg = CycleGANConfig(pool_size=2)
     ours_nets = _cyclegan_nets(norm)
     ref_nets = copy.deepcopy(ours_nets)
-    for k in cyclegan.GENERATORS:
-        set_conv_kernels(ours_nets[k], kernels)
+    for net in ours_nets.values():
+        set_conv_kernels(net, kernels)
     gens, discs = cyclegan.GENERATORS, cyclegan.DISCRIMINATORS
     ours_opt, ref_opt = _optimizers(ours_nets, gens, discs), _optimizers(ref_nets, gens, discs)
     ours_pools, ref_pools = cyclegan.make_pools(cfg, 3), cyclegan.make_pools(cfg, 3)
@@ -135,33 +135,36 @@ def test_cyclegan_unbatched_step_makes_the_six_calls():
 
 @pytest.fixture
 def winograd_calls(monkeypatch):
-    """Counts the Winograd convolutions. The tiny generators' residual blocks (16 channels at 8x8) are
-    below `fastconv.worthwhile`, so its size rule is bypassed to exercise the path."""
-    calls = {"n": 0}
-    conv = fastconv.winograd_conv3x3
+    """Counts the Winograd convolutions by kernel size. The tiny networks (16 channels at 8x8 in the
+    residual blocks, PatchGANs of ndf 4) are below `fastconv.worthwhile`, so its size rule is bypassed to
+    exercise the path: 3x3 in the residual blocks, 4x4 in the discriminators' two stride-1 layers."""
+    calls = {3: 0, 4: 0}
+    conv = fastconv.winograd_conv2d
 
-    def counted(*a, **kw):
-        calls["n"] += 1
-        return conv(*a, **kw)
-    monkeypatch.setattr(fastconv, "worthwhile", lambda x, w: True)
-    monkeypatch.setattr(fastconv, "winograd_conv3x3", counted)
+    def counted(x, weight, *a, **kw):
+        calls[weight.shape[-1]] += 1
+        return conv(x, weight, *a, **kw)
+    monkeypatch.setattr(fastconv, "worthwhile", lambda *a: True)
+    monkeypatch.setattr(fastconv, "winograd_conv2d", counted)
     return calls
 
 
 def test_cyclegan_step_with_winograd_convolutions_is_the_same_math(winograd_calls):
-    """train.conv_kernels: auto in float64 (Winograd for every 3x3 stride-1 convolution here): the batched step with Winograd residual blocks (the weight
-    transforms shared through the cache scope included) against the same step with F.conv2d, three steps
+    """train.conv_kernels: auto in float64 (Winograd for every 3x3 and 4x4 stride-1 convolution here): the
+    batched step with Winograd residual blocks (the weight transforms shared through the cache scope
+    included) and discriminators against the same step with F.conv2d, three steps
     from equal states: every gradient to 1e-10, Winograd is exact up to rounding. (The recipe computes
     its L1 terms in float32, `.float()` for autocast, so the losses agree to float32 rounding only.)
-    12 residual-block convolutions per generator call, 6 + 3 calls per step."""
+    12 residual-block convolutions per generator call, 3 (batched) calls per step; 2 per discriminator
+    call, 4 (batched) calls per step."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         cfg = CycleGANConfig(pool_size=2)
         wino_nets = _cyclegan_nets("instance")
         direct_nets = copy.deepcopy(wino_nets)
-        for k in cyclegan.GENERATORS:
-            set_conv_kernels(wino_nets[k], "auto")
+        for net in wino_nets.values():
+            set_conv_kernels(net, "auto")
         gens, discs = cyclegan.GENERATORS, cyclegan.DISCRIMINATORS
         wino_opt, direct_opt = _optimizers(wino_nets, gens, discs), _optimizers(direct_nets, gens, discs)
         pools = {"winograd": cyclegan.make_pools(cfg, 3), "direct": cyclegan.make_pools(cfg, 3)}
@@ -178,7 +181,7 @@ def test_cyclegan_step_with_winograd_convolutions_is_the_same_math(winograd_call
             _compare_nets(wino_nets, direct_nets, exact=False, rtol=1e-10)
     finally:
         torch.set_default_dtype(before)
-    assert winograd_calls["n"] == 3 * 3 * 12
+    assert winograd_calls == {3: 3 * 3 * 12, 4: 3 * 4 * 2}
 
 
 def test_cyclegan_step_with_winograd_convolutions_in_float32(winograd_calls):
@@ -187,7 +190,7 @@ def test_cyclegan_step_with_winograd_convolutions_in_float32(winograd_calls):
     is within it of 0, which moves the gradients by far more than the rounding (seen at 1e-3 in the third
     step here); the float64 test above is the exactness check."""
     _run_cyclegan("instance", batch_calls=True, steps=1, kernels="auto", rtol=1e-4)
-    assert winograd_calls["n"] == 3 * 12
+    assert winograd_calls == {3: 3 * 12, 4: 4 * 2}
 
 
 def test_batch_norm_is_never_batched():
@@ -195,17 +198,32 @@ def test_batch_norm_is_never_batched():
     assert ours_calls == ref_calls        # batch statistics would mix the images: the six calls stay
 
 
+def _counting(fn, counts: dict, key: str):
+    def counted(*a, **kw):
+        counts[key] += 1
+        return fn(*a, **kw)
+    return counted
+
+
 @pytest.mark.parametrize("norm, kernels", [("batch", "direct"), ("instance", "direct"), ("batch", "auto")])
 def test_pix2pix_step_equals_the_reference_iteration(norm, kernels, monkeypatch):
     """pix2pix's own setting (U-Net, batch norm, dropout) keeps every call: bit-identical, dropout included.
     With instance norm the discriminator judges fake and real in one call; with `train.conv_kernels: auto`
-    the U-Net's inner layers (1x1 to 8x8 maps here) run as matrix products: float-equal."""
+    the U-Net's inner layers (1x1 to 8x8 maps here) run as matrix products and the discriminator's 4x4
+    stride-1 layers by Winograd: float-equal."""
     cfg = Pix2PixConfig()
     torch.manual_seed(7)
     ours_nets = {"G_A": _generator("unet_128", norm, True, 0), "D_A": build_discriminator("basic", 6, 4, 3, norm)}
-    set_conv_kernels(ours_nets["G_A"], kernels)
+    ref_nets = copy.deepcopy(ours_nets)                         # before the switch: the reference runs F.conv2d
+    for net in ours_nets.values():
+        set_conv_kernels(net, kernels)
     monkeypatch.setattr(convkernels, "GEMM_MIN_WEIGHT", 0)     # ngf 4: every weight is small
-    ref_nets = copy.deepcopy(ours_nets)
+    fast = {"winograd_conv2d": 0, "conv2d_gemm": 0, "conv_transpose2d_gemm": 0}
+    if kernels == "auto":                                       # and the PatchGAN's 4x4 stride-1 layers
+        monkeypatch.setattr(fastconv, "worthwhile", lambda *a: True)     # take Winograd despite ndf 4
+        for module, name in ((fastconv, "winograd_conv2d"), (convkernels, "conv2d_gemm"),
+                             (convkernels, "conv_transpose2d_gemm")):
+            monkeypatch.setattr(module, name, _counting(getattr(module, name), fast, name))
     ours_opt = _optimizers(ours_nets, pix2pix.GENERATORS, pix2pix.DISCRIMINATORS)
     ref_opt = _optimizers(ref_nets, pix2pix.GENERATORS, pix2pix.DISCRIMINATORS)
     ours_calls, ref_calls = _calls(ours_nets), _calls(ref_nets)
@@ -222,6 +240,9 @@ def test_pix2pix_step_equals_the_reference_iteration(norm, kernels, monkeypatch)
         _compare_nets(ours_nets, ref_nets, exact=norm == "batch" and kernels == "direct")
     assert ours_calls["G_A"] == ref_calls["G_A"] == 2
     assert (ref_calls["D_A"], ours_calls["D_A"]) == (6, 6 if norm == "batch" else 4)
+    if kernels == "auto":                        # ours only: both stride-1 layers of every D call, and
+        assert fast["winograd_conv2d"] == 2 * ours_calls["D_A"]            # the U-Net's inner levels
+        assert fast["conv2d_gemm"] > 0 and fast["conv_transpose2d_gemm"] > 0
 
 
 def test_per_sample_networks():
