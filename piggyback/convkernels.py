@@ -98,9 +98,24 @@ class Conv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         if self.padding_mode != "zeros" or self.dilation != (1, 1) or self.groups != 1 or isinstance(self.padding, str):
             raise ValueError("convkernels.Conv2d supports integer zero padding, dilation 1 and groups 1 only")
+        self._weight_cache: Optional[dict] = None
+
+    def cache_composed_weights(self, enabled: bool) -> None:
+        """Start (True) or end (False) a scope in which the weight's Winograd transform is computed once
+        however often the layer is called (`lifelong.reuse_composed_weights`: a discriminator judging the
+        real and the fake batch in two calls). End it before the optimiser step."""
+        self._weight_cache = {} if enabled else None
+
+    def _transformed(self, tile: int) -> Optional[Tensor]:
+        if self._weight_cache is None:
+            return None
+        key = (tile, torch.is_grad_enabled(), torch.is_autocast_enabled())
+        if key not in self._weight_cache:
+            self._weight_cache[key] = fastconv.winograd_weight(self.weight, tile)
+        return self._weight_cache[key]
 
     def forward(self, x: Tensor) -> Tensor:
-        return conv2d(self.conv_kernels, x, self.weight, self.bias, self.stride, self.padding)
+        return conv2d(self.conv_kernels, x, self.weight, self.bias, self.stride, self.padding, self._transformed)
 
 
 def set_conv_kernels(net: nn.Module, kernels: str) -> None:

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from . import accounting
-from .layers import PIGGYBACK_LAYERS
 from .config import check_lam
+from .convkernels import Conv2d
+from .layers import PIGGYBACK_LAYERS
 from .networks import GeneratorConfig, build_generator, resolve_layer_lams
 from .taskmodule import TaskModule
 
@@ -104,10 +105,11 @@ def reuse_composed_weights(*nets: nn.Module) -> Iterator[None]:
 
     For one training iteration that calls a generator several times (CycleGAN: G(x), the cycle, the
     identity) before one backward: the same values as composing per call, and the mixing matrices'
-    gradients are computed once instead of per call. Leave the scope before the optimiser step: the cache
-    holds weights of the current parameter values.
+    gradients are computed once instead of per call. The same for a plain `convkernels.Conv2d` (the
+    discriminators): its Winograd weight transform, where `train.conv_kernels: auto` uses one. Leave the
+    scope before the optimiser step: the cache holds weights of the current parameter values.
     """
-    layers = [m for net in nets for m in net.modules() if isinstance(m, PIGGYBACK_LAYERS)]
+    layers = [m for net in nets for m in net.modules() if isinstance(m, (*PIGGYBACK_LAYERS, Conv2d))]
     for m in layers:
         m.cache_composed_weights(True)
     try:

@@ -131,8 +131,49 @@ def test_choose_kernel_on_the_shapes_that_matter():
         assert ck.choose_kernel("auto", e(n, 64, 18, 18), e(64, 64, 3, 3), 1, 0, conv_out(3, 1, 0)) == "direct"
         assert ck.choose_kernel("auto", e(n, 64, 16, 16), e(64, 32, 3, 3), 2, 1, up_out, transposed=True) == "direct"
         assert ck.choose_kernel("auto", e(n, 32, 32, 32), e(64, 32, 3, 3), 2, 1, conv_out(3, 2, 1)) == "direct"
+        # PatchGAN, ndf 16 on 64x64 crops: its 4x4 stride-1 layer 64 -> 128 at 8x8
+        assert ck.choose_kernel("auto", e(n, 64, 8, 8), e(128, 64, 4, 4), 1, 1, conv_out(4, 1, 1)) == "direct"
+    # PatchGAN, ndf 64: the 256 -> 512 4x4 stride-1 layer at 256x256 input (32x32 maps) takes Winograd,
+    # at 128x128 input (16x16) not; its stride-2 layers never (measured slower by space-to-depth)
+    assert ck.choose_kernel("auto", e(1, 256, 32, 32), e(512, 256, 4, 4), 1, 1, conv_out(4, 1, 1)) == "winograd"
+    assert ck.choose_kernel("auto", e(1, 256, 16, 16), e(512, 256, 4, 4), 1, 1, conv_out(4, 1, 1)) == "direct"
+    assert ck.choose_kernel("auto", e(1, 128, 64, 64), e(256, 128, 4, 4), 2, 1, conv_out(4, 2, 1)) == "direct"
     with torch.no_grad():
         assert ck.choose_kernel("auto", e(1, 512, 8, 8), e(512, 512, 4, 4), 2, 1, conv_out(4, 2, 1)) == "direct"
+        assert ck.choose_kernel("auto", e(1, 256, 32, 32), e(512, 256, 4, 4), 1, 1, conv_out(4, 1, 1)) == "direct"
+
+
+def test_discriminator_conv_is_nn_conv2d_with_the_switch(monkeypatch):
+    """convkernels.Conv2d: nn.Conv2d's parameters and state dict; direct by default (bit-identical to
+    nn.Conv2d); with `auto` Winograd for its 4x4 stride-1 layers, one weight transform per
+    `reuse_composed_weights` scope, gradients equal to F.conv2d's."""
+    from piggyback import fastconv
+    from piggyback.lifelong import reuse_composed_weights
+
+    torch.manual_seed(0)
+    conv, plain = ck.Conv2d(6, 5, 4, 1, 1), torch.nn.Conv2d(6, 5, 4, 1, 1)
+    assert conv.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(conv.state_dict())
+    x1, x2 = torch.randn(2, 6, 9, 9), torch.randn(1, 6, 7, 11)
+    assert torch.equal(conv(x1), plain(x1))
+    transforms = []
+    weight = fastconv.winograd_weight
+    monkeypatch.setattr(fastconv, "winograd_weight", lambda *a: transforms.append(1) or weight(*a))
+    monkeypatch.setattr(fastconv, "worthwhile", lambda *a: True)            # a small test layer
+    set_conv_kernels(conv, "auto")
+    with reuse_composed_weights(conv):
+        loss = conv(x1).square().sum() + conv(x2).sum()
+    ref = plain(x1).square().sum() + plain(x2).sum()
+    assert len(transforms) == 1
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(loss, [conv.weight, conv.bias]), torch.autograd.grad(ref, [plain.weight, plain.bias])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    conv(x1)                                                     # outside the scope: its own transform
+    assert len(transforms) == 2
+    with pytest.raises(ValueError, match="zero padding"):
+        ck.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="groups"):
+        ck.Conv2d(4, 4, 3, groups=2)
 
 
 def test_set_conv_kernels_refuses_unknown_names():

@@ -218,10 +218,10 @@ def test_pix2pix_step_equals_the_reference_iteration(norm, kernels, monkeypatch)
     for net in ours_nets.values():
         set_conv_kernels(net, kernels)
     monkeypatch.setattr(convkernels, "GEMM_MIN_WEIGHT", 0)     # ngf 4: every weight is small
-    fast = {"winograd_conv2d": 0, "conv2d_gemm": 0, "conv_transpose2d_gemm": 0}
+    fast = {"winograd_conv2d": 0, "winograd_weight": 0, "conv2d_gemm": 0, "conv_transpose2d_gemm": 0}
     if kernels == "auto":                                       # and the PatchGAN's 4x4 stride-1 layers
         monkeypatch.setattr(fastconv, "worthwhile", lambda *a: True)     # take Winograd despite ndf 4
-        for module, name in ((fastconv, "winograd_conv2d"), (convkernels, "conv2d_gemm"),
+        for module, name in ((fastconv, "winograd_conv2d"), (fastconv, "winograd_weight"), (convkernels, "conv2d_gemm"),
                              (convkernels, "conv_transpose2d_gemm")):
             monkeypatch.setattr(module, name, _counting(getattr(module, name), fast, name))
     ours_opt = _optimizers(ours_nets, pix2pix.GENERATORS, pix2pix.DISCRIMINATORS)
@@ -242,6 +242,8 @@ def test_pix2pix_step_equals_the_reference_iteration(norm, kernels, monkeypatch)
     assert (ref_calls["D_A"], ours_calls["D_A"]) == (6, 6 if norm == "batch" else 4)
     if kernels == "auto":                        # ours only: both stride-1 layers of every D call, and
         assert fast["winograd_conv2d"] == 2 * ours_calls["D_A"]            # the U-Net's inner levels
+        # one weight transform per layer for D's step (judging fake and real), one for G's: 2 steps
+        assert fast["winograd_weight"] == 2 * 2 * 2
         assert fast["conv2d_gemm"] > 0 and fast["conv_transpose2d_gemm"] > 0
 
 

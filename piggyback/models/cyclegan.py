@@ -96,7 +96,7 @@ def train_step(nets: dict[str, nn.Module], optimizers: dict, real_A: Tensor, rea
     # Discriminators: D_A on real_B vs pooled fake_B, D_B on real_A vs pooled fake_A.
     set_requires_grad([D_A, D_B], True)
     optimizers["D"].zero_grad(set_to_none=True)
-    with prec.autocast():
+    with prec.autocast(), reuse_composed_weights(D_A, D_B):
         d_A = discriminator_loss(D_A, real_B, pools["fake_B"].query(x["fake_B"]), gan, batch_D)
         d_B = discriminator_loss(D_B, real_A, pools["fake_A"].query(x["fake_A"]), gan, batch_D)
     prec.backward(d_A["D"] + d_B["D"])  # == backward of each: the two Ds share no parameters

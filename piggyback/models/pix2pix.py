@@ -10,6 +10,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from piggyback.config import Pix2PixConfig
+from piggyback.lifelong import reuse_composed_weights
 from piggyback.losses import GANLoss, ImagePool
 from piggyback.models import StepTools, per_sample, set_requires_grad, split_call
 
@@ -55,7 +56,7 @@ def train_step(nets: dict[str, nn.Module], optimizers: dict, real_A: Tensor, rea
     # stores the concatenated pair, so a pooled fake keeps its own input (as the original Lua pix2pix).
     set_requires_grad([D], True)
     optimizers["D"].zero_grad(set_to_none=True)
-    with prec.autocast():
+    with prec.autocast(), reuse_composed_weights(D):       # one Winograd transform for both calls
         fake_AB = pools["fake_AB"].query(torch.cat([real_A, fake_B], 1))
         d = discriminator_loss(D, torch.cat([real_A, real_B], 1), fake_AB, gan, batch_calls and per_sample(D))
     prec.backward(d["D"])
