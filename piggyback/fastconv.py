@@ -165,21 +165,22 @@ def worthwhile(x: Tensor, weight: Tensor, padding: int = 0) -> bool:
 
 # -- weight transform -----------------------------------------------------------------------------------
 def _weight_forward(weight: Tensor, tile: int) -> Tensor:
-    """U = G g G^T for every (K, C) filter: (K, C, r, r) -> (a, K, C), as one (a, r^2) @ (r^2, K C) matmul
-    on the weight laid out tap-major (one copy); the result is the (a, K, C) layout the batched matmul of
-    the convolution reads. (One small matmul per filter instead, (a, r^2) @ (r^2, C) K times, measured
-    3-4x slower: the shapes are too thin for the matmul kernel.)"""
+    """U = G g G^T for every (K, C) filter: (K, C, r, r) -> (a, K, C), stored as (K, a, C).
+
+    One small matmul per output filter, (a, r^2) @ (r^2, C), reads the weight in its own layout; the
+    batched matmul of the convolution takes the (a, K, C) view as it is (its rows are C-contiguous).
+    Measured faster in the training iteration than one (a, r^2) @ (r^2, K C) matmul on the weight laid
+    out tap-major (CycleGAN 0.75 vs 0.79 of the reference iteration, pix2pix 0.76 vs 0.78)."""
     k, c, r = weight.shape[0], weight.shape[1], weight.shape[-1]
     gk = _kron(tile, r, "G", weight.dtype, weight.device)
-    taps = weight.permute(2, 3, 0, 1).reshape(r * r, k * c)
-    return torch.mm(gk, taps).view(-1, k, c)
+    return torch.bmm(gk.expand(k, *gk.shape), weight.reshape(k, c, r * r).transpose(1, 2)).transpose(0, 1)
 
 
 def _weight_backward(grad_u: Tensor, tile: int, k: int, c: int, r: int) -> Tensor:
-    """dg = G^T dU G: (a, K, C) -> (K, C, r, r), as one (r^2, a) @ (a, K C) matmul."""
+    """dg = G^T dU G: (a, K, C) -> (K, C, r, r), as one (r^2, a) @ (a, C) matmul per output filter."""
     gk = _kron(tile, r, "G", grad_u.dtype, grad_u.device)
-    dg = torch.mm(gk.t(), grad_u.reshape(grad_u.shape[0], k * c))                 # (r^2, K C)
-    return dg.view(r, r, k, c).permute(2, 3, 0, 1).contiguous()
+    dg = torch.bmm(gk.t().expand(k, *gk.t().shape), grad_u.transpose(0, 1))          # (K, r^2, C)
+    return dg.transpose(1, 2).reshape(k, c, r, r)
 
 
 class _WinogradWeight(torch.autograd.Function):
