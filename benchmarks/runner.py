@@ -31,7 +31,7 @@ class BenchConfig:
     train_repeats: int = 5
     recipe_cases: tuple = ()                 # the full recipe (train_step with discriminators)
     recipe_levers: tuple = ()                # our recipe one lever away (nets.LEVERS), each against the default
-    recipe_warmup: int = 1
+    recipe_warmup: int = 2                   # glibc settles its heap (mmap threshold) over the first iterations
     recipe_repeats: int = 4
     infer_cases: tuple = ()
     infer_warmup: int = 2
@@ -82,7 +82,7 @@ def preset(name: str) -> BenchConfig:
         return BenchConfig(
             mode="quick",
             train_cases=(Case("resnet_9blocks", 128),), headline="resnet_9blocks@128", train_repeats=4,
-            recipe_cases=(Case("resnet_9blocks", 128), Case("unet_256", 256)), recipe_repeats=3,
+            recipe_cases=(Case("resnet_9blocks", 128), Case("unet_256", 256)), recipe_warmup=2, recipe_repeats=4,
             recipe_levers=("unbatched", "adam_foreach", "adam_fused", "channels_last", "direct_kernels"),
             infer_cases=(Case("resnet_9blocks", 128),), infer_repeats=12,
             fid_images=32, fid_size=64, fid_batch=32, fid_repeats=2,

@@ -1,25 +1,28 @@
-"""Which kernel runs a piggyback layer's convolution while training (`train.conv_kernels`).
+"""Which kernel runs a convolution while training (`train.conv_kernels`): the generators' piggyback
+layers and the discriminators' `Conv2d`.
 
 `direct` calls F.conv2d / F.conv_transpose2d (oneDNN on the CPU, cuDNN on a GPU) everywhere. `auto`
 (the default) takes, on the CPU, a kernel measured faster for the same sums where one exists:
 
-- `winograd`: the 3x3 stride-1 convolutions of wide layers (the ResNet blocks: 256 channels) by
-  Winograd minimal filtering F(4x4, 3x3), piggyback/fastconv.py: 4x fewer multiplications; at least 128
+- `winograd`: stride-1 convolutions of wide layers by Winograd minimal filtering, piggyback/fastconv.py:
+  F(4x4, 3x3) for the ResNet blocks' 3x3 layers (256 channels; 4x fewer multiplications) and F(4x4, 4x4)
+  for the PatchGAN's 4x4 stride-1 layer (256 -> 512 at 256x256 input; 5.2x fewer); at least 128
   channels in and out and enough tiles (`fastconv.worthwhile`), below that the transforms cost more
-  than they save.
+  than they save. (Its stride-2 layers by space-to-depth and F(4x4, 2x2) measured 1.2x-4x slower than
+  oneDNN, so they stay direct.)
 - `gemm`: a convolution whose output (or, transposed, whose input) has only a few pixels but whose
   weight is large (the inner layers of a U-Net: 512 x 512 x 4 x 4 filters on 1x1 to 8x8 maps), where
   oneDNN spends most of the time outside the multiply-adds: the same linear map as one matrix product
-  over unfolded patches (im2col; col2im for the transposed convolution), forward and backward through
-  autograd.
+  over unfolded patches (im2col; col2im for the transposed convolution), each product in the faster
+  orientation for its shape.
 
 Both compute the same convolution with the sums in another order: equal to the direct kernel within
 float tolerance (tests/test_fastconv.py, tests/test_convkernels.py, tests/test_step_equality.py), not
 bit-identical, so the choice is a params key. They apply only while gradients are recorded (training
 steps): evaluation, probes, audit and serving run the direct kernel, so a checkpoint's recorded probes
 reproduce bit for bit whatever the setting. The choice depends only on shapes, dtype and device, never
-on timing, so a run is as deterministic as before; the embedded suite's narrow networks (ngf 16, maps of
-16x16 and more) take `direct` everywhere, so its published numbers are unchanged.
+on timing, so a run is as deterministic as before; the embedded suite's narrow networks (ngf and ndf
+16) take `direct` everywhere, so its published numbers are unchanged.
 """
 from __future__ import annotations
 

@@ -1,13 +1,18 @@
-"""Winograd minimal filtering for the 3x3 stride-1 convolutions of the residual blocks (train.conv3x3).
+"""Winograd minimal filtering for stride-1 convolutions (`train.conv_kernels: auto`): the 3x3 layers of
+the ResNet blocks and the PatchGAN's 4x4 stride-1 layer.
 
-F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) computes an
-m x m output tile from an (m+2) x (m+2) input tile with (m+2)^2 multiplications per (input, output)
-channel pair instead of 9 m^2: 2.25x fewer for m = 2, 4x fewer for m = 4. With a = (m+2)^2 components,
+F(m x m, r x r) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) computes an
+m x m output tile from an (m+r-1) x (m+r-1) input tile with (m+r-1)^2 multiplications per (input,
+output) channel pair instead of r^2 m^2: 4x fewer for F(4x4, 3x3), 5.2x for F(4x4, 4x4). With
+a = (m+r-1)^2 components,
 
     V = B^T d B     (input tiles,   kept as (a, C, tiles))
     U = G g G^T     (filters,       kept as (a, K, C))
     M[i] = U[i] @ V[i]              one batched matmul over the a components
     y = A^T M A     (output tiles,  overlap-free)
+
+The 1-D matrices come from `matrices(m, r)`: Toom-Cook at the points 0, +-1, +-2, +-1/2 and infinity,
+in exact rationals (F(4, 3) is the paper's), rounded once to the working dtype.
 
 The backward pass stays in the Winograd domain: dM = A dY A^T, dV = U^T dM, dU = dM V^T, then
 dg = G^T dU G and dx = B dV B^T overlap-added onto the (overlapping) input tiles. Each 2-D transform
@@ -15,17 +20,17 @@ applies the Kronecker product of the 1-D matrices at once, as one matmul (the co
 long axis of channels x tiles) or, for the input tiles, as a strided convolution with fixed filters.
 V and U come out in layouts whose (C, tiles) and (K, C) matrices the batched matmul reads in place.
 
-Measured on a 2-core Zen 4 against oneDNN's direct convolution (forward + backward, batch 1, 256
-channels): 0.71x at 32x32 output, 0.54x-0.59x at 64x64. At 32x32 the three batched matmuls take ~6.5 ms
-and the transforms ~5-6 ms (memory-bound plain PyTorch ops, no fused kernel); the ~25 MB of temporaries
-make it sensitive to the allocator: in iterations where glibc has trimmed its heap and the pages fault
-back in, it takes ~40 % longer (medians of 0.83x seen). Narrow layers or small maps are not faster than
-direct: see `worthwhile`.
+Measured on a 2-core Zen 4 against oneDNN's direct convolution (forward + backward, batch 1):
+F(4x4, 3x3) at 256 channels 0.71x at 32x32 output, 0.54x-0.59x at 64x64; F(4x4, 4x4) 256 -> 512 at
+31x31 output 0.70x (F(3x3, 4x4) 0.80x). The transforms are memory-bound plain PyTorch ops (no fused
+kernel) and their tens of MB of temporaries make the kernel sensitive to the allocator: where glibc has
+trimmed its heap and the pages fault back in, it takes up to ~40 % longer (with freed memory kept, the
+4x4 case is 0.61x). Narrow layers or small maps are not faster than direct: see `worthwhile`.
 
-Only float32/float64 CPU tensors with a 3x3 kernel, stride 1, dilation 1, groups 1 and padding 0 take
-this path (the callers pad); anything else falls back to F.conv2d. The result equals F.conv2d up to float
-rounding: the transforms change the order and the intermediate values of the sums (about 1e-6 of max |y|
-for m = 4 in float32, exact to rounding in float64).
+Only float32/float64 CPU tensors with a square kernel of a size in TILES, stride 1, dilation 1, groups 1
+and an equal zero padding on every side take this path; anything else falls back to F.conv2d. The result
+equals F.conv2d up to float rounding: the transforms change the order and the intermediate values of the
+sums (a few 1e-6 of max |y| in float32, exact to rounding in float64).
 """
 from __future__ import annotations
 
@@ -148,12 +153,12 @@ def choose_tile(x: Tensor, weight: Tensor, padding: int = 0) -> int:
 def worthwhile(x: Tensor, weight: Tensor, padding: int = 0) -> bool:
     """Whether Winograd is expected to beat F.conv2d for forward + backward at this shape (`supported` aside).
 
-    The batched matmul shrinks 4x, but the transforms cost memory traffic of the order of (C + K) per tile
+    The batched matmul shrinks 4x-5x, but the transforms cost memory traffic of the order of (C + K) per tile
     and a K C per filter, which only enough channels and tiles pay for. Measured on a 2-core Zen 4
     (float32, batch 1, forward + backward, Winograd / F.conv2d, median of interleaved rounds):
     F(4x4, 3x3): 256 channels 0.71x-0.83x at 32x32 output, 0.54x-0.59x at 64x64, 1.56x at 16x16; 128
     channels 0.86x at 64x64, 0.95x at 32x32; 64 channels 0.98x-1.18x from 32x32 to 128x128.
-    F(3x3, 4x4), PatchGAN's 256 -> 512 layer: {F34}.
+    F(4x4, 4x4), the PatchGAN's 256 -> 512 layer: 0.70x at 31x31 output (64 tiles), 1.28x at 15x15.
     Hence: at least 128 channels in and out, and at least 16384 (tile, channel) pairs over the batch.
     """
     r = weight.shape[-1]

@@ -15,10 +15,12 @@ RTOL, ATOL = 1e-5, 1e-5
 CONV_CASES = [  # (N, C, O, H, W, k, stride, padding)
     (1, 8, 6, 4, 4, 4, 2, 1), (2, 5, 7, 5, 3, 3, 1, 1), (3, 4, 4, 2, 2, 4, 2, 1),
     (1, 3, 9, 7, 6, 3, 2, 0), (2, 6, 3, 2, 2, 4, 2, 1),
+    (1, 4, 5, 9, 9, 3, 1, 1), (2, 3, 4, 8, 7, 3, 1, 1),     # more than THIN_COLUMNS output pixels
 ]
 TRANSPOSED_CASES = [  # (N, C, O, H, W, k, stride, padding, output_padding)
     (1, 8, 6, 2, 2, 4, 2, 1, 0), (2, 5, 7, 3, 1, 3, 2, 1, 1), (1, 4, 3, 1, 1, 4, 2, 1, 0),
     (3, 6, 5, 4, 3, 3, 1, 1, 0),
+    (1, 4, 3, 7, 6, 3, 1, 1, 0), (2, 5, 4, 6, 6, 4, 2, 1, 0),   # more than THIN_COLUMNS input pixels
 ]
 
 
