@@ -44,6 +44,8 @@ def test_tiny_benchmark_writes_complete_results(tmp_path, capsys):
     assert _positive(data["recipe_vs_reference_task3"]["resnet_9blocks@32"])
     assert "recipe_vs_reference_task3 resnet_9blocks@32 <= 0.80" in data["targets"]
     assert recipe["info"]["task3_unbatched"]["batch_calls"] is False
+    assert set(recipe["timings"]) == {"reference", "plain", "task3"}            # the headline group
+    assert set(recipe["lever_timings"]) == {"task3", "task3_unbatched"}           # the levers' own group
     assert _positive(data["recipe_levers_vs_default"]["resnet_9blocks@32"]["unbatched"])
     infer = data["infer"]["resnet_9blocks@32"]
     assert infer["max_abs_diff_vs_plain"] < 1e-5 and _positive(infer["ratios"]["materialized"]["ratio"])
