@@ -22,7 +22,7 @@ a short table and writes ``benchmarks/results/latest.json`` (git-ignored). What 
   separate discriminator calls for real and fake, float32, eager, default Adam) on plain networks holding
   the same weights (reference, plain and task 3 interleaved on their own, after two warm-up rounds).
   ``levers`` in each ``train_recipe`` case: our step one switch away from the default (``unbatched``,
-  ``adam_foreach``, ``adam_fused``, ``channels_last``, ``direct_kernels``) over the default step, a
+  ``adam_default``, ``adam_foreach``, ``channels_last``, ``direct_kernels``) over the default step, a
   second interleave (``lever_timings``).
 - ``infer_overhead``: a materialised task-3 network (``lifelong.materialize``) against an independently
   built plain network with the same weights (eval mode, inference mode, batch 1; resnet_9blocks at 256x256,

@@ -136,9 +136,9 @@ def trainable(net: nn.Module) -> list[nn.Parameter]:
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def adam(params: list[nn.Parameter], impl: str = "fused") -> torch.optim.Optimizer:
+def adam(params: list[nn.Parameter], impl: str = "auto") -> torch.optim.Optimizer:
     """Adam with the recipe's settings and the library's implementation choice (`train.adam_impl`)."""
-    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999), **adam_options(impl))
+    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999), **adam_options(impl, params))
 
 
 def _precision(device: torch.device) -> Precision:
@@ -268,8 +268,8 @@ def compose_time(net: nn.Module, device: torch.device, repeats: int = 5) -> dict
 
 # -- the real recipe (discriminators, pools, GAN losses) --------------------------------------------
 #: Variants of our recipe step, each one lever away from the default (`train.*` keys of the same name).
-LEVERS = {"unbatched": {"batch_calls": False}, "adam_foreach": {"adam_impl": "foreach"},
-          "adam_fused": {"adam_impl": "fused"}, "channels_last": {"channels_last": True},
+LEVERS = {"unbatched": {"batch_calls": False}, "adam_default": {"adam_impl": "default"},
+          "adam_foreach": {"adam_impl": "foreach"}, "channels_last": {"channels_last": True},
           "direct_kernels": {"conv_kernels": "direct"}}
 
 
@@ -288,7 +288,7 @@ def _recipe_nets(case: Case, which: str, device: torch.device, channels_last: bo
 
 
 def recipe_step_fn(case: Case, which: str, device: torch.device, channels_last: bool, seed: int = 0,
-                   batch_calls: bool = True, adam_impl: str = "default",
+                   batch_calls: bool = True, adam_impl: str = "auto",
                    conv_kernels: str = "auto") -> tuple[Callable[[], object], dict]:
     """One full iteration of the case's recipe as training runs it (`cyclegan.train_step` / `pix2pix.train_step`).
 

@@ -74,7 +74,7 @@ def preset(name: str) -> BenchConfig:
             train_cases=(Case("resnet_9blocks", 128), Case("resnet_9blocks", 256), Case("unet_256", 256)),
             headline="resnet_9blocks@256", infer_headline="resnet_9blocks@256",
             recipe_cases=(Case("resnet_9blocks", 128), Case("resnet_9blocks", 256), Case("unet_256", 256)),
-            recipe_levers=("unbatched", "adam_foreach", "adam_fused", "channels_last", "direct_kernels"),
+            recipe_levers=("unbatched", "adam_default", "adam_foreach", "channels_last", "direct_kernels"),
             pipeline=("suite",),
             infer_cases=(Case("resnet_9blocks", 256), Case("resnet_9blocks", 256, batch=4), Case("unet_256", 256)),
         )
@@ -83,7 +83,7 @@ def preset(name: str) -> BenchConfig:
             mode="quick",
             train_cases=(Case("resnet_9blocks", 128),), headline="resnet_9blocks@128", train_repeats=4,
             recipe_cases=(Case("resnet_9blocks", 128), Case("unet_256", 256)), recipe_repeats=5,
-            recipe_levers=("unbatched", "adam_foreach", "adam_fused", "channels_last", "direct_kernels"),
+            recipe_levers=("unbatched", "adam_default", "adam_foreach", "channels_last", "direct_kernels"),
             infer_cases=(Case("resnet_9blocks", 128),), infer_repeats=12,
             fid_images=32, fid_size=64, fid_batch=32, fid_repeats=2,
             frechet_ours_repeats=3, frechet_theirs_repeats=1,

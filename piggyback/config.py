@@ -171,7 +171,7 @@ class TrainConfig:
     amp: str = "none"                  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False
     batch_calls: bool = False          # One call for independent calls through a per-sample network (exact outputs).
-    adam_impl: str = "default"         # default (PyTorch's per device) | loop | foreach (bit-identical) | fused
+    adam_impl: str = "auto"            # auto (fused on the CPU from 2M parameters) | default (PyTorch's per device) | loop | foreach | fused
     conv_kernels: str = "auto"         # auto | direct: the training-time convolution kernel (piggyback/convkernels.py)
     log_every: int = 10                # Iterations between loss logs to MLflow.
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
@@ -232,7 +232,7 @@ CHOICES = {
     "Pix2PixConfig.gan_mode": {"lsgan", "vanilla"},
     "TrainConfig.method": {"piggyback", "separate", "finetune"},
     "TrainConfig.amp": {"none", "bf16", "fp16"},
-    "TrainConfig.adam_impl": {"default", "foreach", "fused", "loop"},
+    "TrainConfig.adam_impl": {"auto", "default", "foreach", "fused", "loop"},
     "TrainConfig.conv_kernels": {"auto", "direct"},
     "TaskConfig.mode": {"cyclegan", "pix2pix"},
     "TaskConfig.direction": {"AtoB", "BtoA"},

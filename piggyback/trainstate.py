@@ -91,9 +91,10 @@ class TrainState:
                 n.to(memory_format=torch.channels_last)
         for n in nets.values():
             set_conv_kernels(n, cfg.conv_kernels)
-        adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **models.adam_options(cfg.adam_impl))
-        opt = {"G": torch.optim.Adam([p for g in G.values() for p in task_parameters(g)], **adam),
-               "D": torch.optim.Adam([p for d in Ds.values() for p in d.parameters()], **adam)}
+        groups = {"G": [p for g in G.values() for p in task_parameters(g)],
+                  "D": [p for d in Ds.values() for p in d.parameters()]}
+        opt = {k: torch.optim.Adam(ps, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **models.adam_options(cfg.adam_impl, ps))
+               for k, ps in groups.items()}
         sched = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(recipe.epochs, recipe.epochs_decay))
                  for k, o in opt.items()}
         prec = models.Precision(cfg.amp, device)

@@ -269,7 +269,21 @@ def test_foreach_adam_is_bit_identical_to_the_loop_and_fused_is_float_equal():
                 p.grad = grad.clone()
             opts[impl].step()
     assert all(torch.equal(a, b) for a, b in zip(params["foreach"], params["loop"]))
+    assert all(torch.equal(a, b) for a, b in zip(params["auto"], params["loop"]))     # small: PyTorch's loop
     for a, b in zip(params["fused"], params["loop"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="adam_impl"):
         adam_options("lamb")
+
+
+def test_auto_adam_is_fused_from_two_million_cpu_parameters_only():
+    """The embedded suite's optimisers (ngf and ndf 16) stay on PyTorch's loop, so its numbers hold bit for
+    bit; a ngf-64 generator's share and a PatchGAN take the fused step."""
+    small = [p for p in _generator("resnet_6blocks", "instance", False, 0).parameters()]
+    assert adam_options("auto", small) == {} and adam_options("auto", []) == {}
+    suite_G = build_generator(GeneratorConfig(netG="resnet_6blocks", ngf=16, norm="instance"))
+    suite_D = build_discriminator("basic", 6, 16, 3, "batch")
+    assert adam_options("auto", list(suite_G.parameters()) + list(suite_D.parameters())) == {}
+    paper_D = build_discriminator("basic", 6, 64, 3, "batch")
+    assert adam_options("auto", list(paper_D.parameters())) == {"fused": True}        # 2.8M parameters
+    assert adam_options("auto", [torch.empty(3_000_000, device="meta")]) == {}           # not on the CPU
