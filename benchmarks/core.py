@@ -55,16 +55,12 @@ def synchronize(device: torch.device) -> None:
 # -- timing --------------------------------------------------------------------------------------
 def interleave(candidates: Mapping[str, Callable[[], object]], warmup: int, repeats: int,
                device: torch.device, label: str = "", verbose: bool = True,
-               track_cuda_memory: bool = False, settle: int = 0) -> dict:
+               track_cuda_memory: bool = False) -> dict:
     """Time each candidate `repeats` times, round-robin, after `warmup` untimed rounds.
 
     Rounds alternate the order (A B C, C B A, ...) so slow drifts of the machine fall on every
-    candidate alike. `settle`: untimed calls of a candidate right before each of its timed calls, so
-    that the timed one runs as in training, after an iteration of its own: without, a candidate
-    following one that freed gigabytes pays the allocator's page faults for it (CPU: glibc returns
-    freed heap to the system and the next large allocations fault back in). Returns per candidate:
-    median_s, min_s, mean_s, samples_s, repeats (and on CUDA with `track_cuda_memory`, the max memory
-    allocated during its calls, in MiB).
+    candidate alike. Returns per candidate: median_s, min_s, mean_s, samples_s, repeats (and on CUDA
+    with `track_cuda_memory`, the max memory allocated during its calls, in MiB).
     """
     names = list(candidates)
     cuda_peak = {n: 0 for n in names}
@@ -87,8 +83,6 @@ def interleave(candidates: Mapping[str, Callable[[], object]], warmup: int, repe
     samples = {n: [] for n in names}
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
-            for _ in range(settle):
-                candidates[name]()
             samples[name].append(call(name))
         if verbose:
             now = "  ".join(f"{n} {samples[n][-1] * 1e3:.0f} ms" for n in names)
@@ -97,7 +91,7 @@ def interleave(candidates: Mapping[str, Callable[[], object]], warmup: int, repe
     for name in names:
         s = samples[name]
         out[name] = {"median_s": statistics.median(s), "min_s": min(s), "mean_s": statistics.fmean(s),
-                     "samples_s": s, "repeats": len(s), "warmup": warmup, "settle": settle}
+                     "samples_s": s, "repeats": len(s), "warmup": warmup}
         if track_cuda_memory:
             out[name]["cuda_max_allocated_mib"] = cuda_peak[name] / 2**20
     return out
