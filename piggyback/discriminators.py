@@ -2,7 +2,8 @@
 
 Layout, bias rule and init follow junyanz/pytorch-CycleGAN-and-pix2pix `models/networks.py`
 (junyanz `models/networks.py`). Discriminators are not piggybacked (docs/method.md): each task builds
-a fresh one and discards it afterwards.
+a fresh one and discards it afterwards. Their convolutions are `convkernels.Conv2d`: nn.Conv2d with the
+same parameters and state dict, whose training-time kernel follows `train.conv_kernels`.
 """
 from __future__ import annotations
 
