@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from piggyback import lifelong
-from piggyback.layers import PIGGYBACK_LAYERS, set_conv_kernels
+from piggyback.convkernels import set_conv_kernels
+from piggyback.layers import PIGGYBACK_LAYERS
 from piggyback.models import Precision, StepTools, adam_options
 from piggyback.networks import GeneratorConfig, build_generator
 from piggyback.norms import TaskBatchNorm2d

@@ -90,6 +90,17 @@ def conv_transpose2d(kernels: str, x: Tensor, weight: Tensor, bias: Optional[Ten
     return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
 
 
+def kept_transform(cache: Optional[dict], key: tuple, weight: Tensor, tile: int) -> Optional[Tensor]:
+    """fastconv.winograd_weight(weight, tile), computed once per cache scope: kept in `cache` under `key`
+    and the grad and autocast modes; None outside a scope (`cache` None): the caller transforms."""
+    if cache is None:
+        return None
+    full = (*key, torch.is_grad_enabled(), torch.is_autocast_enabled(), "winograd", tile)
+    if full not in cache:
+        cache[full] = fastconv.winograd_weight(weight, tile)
+    return cache[full]
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same state dict) whose training-time kernel follows `conv_kernels`,
     like the piggyback layers: the discriminators' convolutions. Zero padding only (as nn.Conv2d's
@@ -110,12 +121,7 @@ class Conv2d(nn.Conv2d):
         self._weight_cache = {} if enabled else None
 
     def _transformed(self, tile: int) -> Optional[Tensor]:
-        if self._weight_cache is None:
-            return None
-        key = (tile, torch.is_grad_enabled(), torch.is_autocast_enabled())
-        if key not in self._weight_cache:
-            self._weight_cache[key] = fastconv.winograd_weight(self.weight, tile)
-        return self._weight_cache[key]
+        return kept_transform(self._weight_cache, (), self.weight, tile)
 
     def forward(self, x: Tensor) -> Tensor:
         return conv2d(self.conv_kernels, x, self.weight, self.bias, self.stride, self.padding, self._transformed)

@@ -14,12 +14,10 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fastconv
 from .config import check_lam
-from .convkernels import conv2d, conv_transpose2d, set_conv_kernels  # noqa: F401
+from .convkernels import conv2d, conv_transpose2d, kept_transform
 from .taskmodule import TaskModule
 
 
@@ -284,13 +282,7 @@ class PiggybackConv2d(_PiggybackConvNd):
 
     def _transformed(self, task: Optional[int], weight: Tensor, tile: int) -> Optional[Tensor]:
         """fastconv.winograd_weight of task `task`'s composed weight, once per cache scope (None: no scope)."""
-        cache = self._weight_cache
-        if cache is None or task is None:
-            return None
-        key = (task, torch.is_grad_enabled(), torch.is_autocast_enabled(), "winograd", tile)
-        if key not in cache:
-            cache[key] = fastconv.winograd_weight(weight, tile)
-        return cache[key]
+        return None if task is None else kept_transform(self._weight_cache, (task,), weight, tile)
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from piggyback import convkernels as ck
-from piggyback.layers import PiggybackConv2d, PiggybackConvTranspose2d, set_conv_kernels
+from piggyback.convkernels import set_conv_kernels
+from piggyback.layers import PiggybackConv2d, PiggybackConvTranspose2d
 
 # The same sums in another order: float32 rounding, a few ulps of the largest term per output.
 RTOL, ATOL = 1e-5, 1e-5

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from piggyback import PiggybackConv2d, fastconv
-from piggyback.layers import set_conv_kernels
+from piggyback.convkernels import set_conv_kernels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -19,7 +19,7 @@ from benchmarks import reference
 from piggyback import convkernels, fastconv, lifelong
 from piggyback.config import CycleGANConfig, Pix2PixConfig
 from piggyback.discriminators import build_discriminator
-from piggyback.layers import set_conv_kernels
+from piggyback.convkernels import set_conv_kernels
 from piggyback.losses import GANLoss
 from piggyback.models import ADAM_IMPLS, Precision, StepTools, adam_options, cyclegan, per_sample, pix2pix
 from piggyback.networks import GeneratorConfig, build_generator
