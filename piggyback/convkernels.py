@@ -54,7 +54,7 @@ def choose_kernel(kernels: str, x: Tensor, weight: Tensor, stride, padding,
     if kernels != "auto" or not torch.is_grad_enabled() or x.dim() != 4:
         return "direct"
     if (not transposed and fastconv.supported(x, weight, stride, padding)
-            and fastconv.worthwhile(x, weight, fastconv.padding_of(padding))):
+            and fastconv.worthwhile(x, weight, fastconv.uniform(padding))):
         return "winograd"
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.numel() >= GEMM_MIN_WEIGHT
             and _columns(x, out_hw, transposed) <= GEMM_MAX_COLUMNS["transposed" if transposed else "conv"]):
@@ -70,7 +70,7 @@ def conv2d(kernels: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stri
         return tuple((size + 2 * p - k) // s + 1 for size, p, k, s in zip((h, w), padding, weight.shape[2:], stride))
     kernel = choose_kernel(kernels, x, weight, stride, padding, out_hw)
     if kernel == "winograd":
-        tile = fastconv.choose_tile(x, weight, fastconv.padding_of(padding))
+        tile = fastconv.choose_tile(x, weight, fastconv.uniform(padding))
         transformed = transform(tile) if transform is not None else None
         return fastconv.winograd_conv2d(x, weight, bias, padding=padding, tile=tile, transformed=transformed)
     if kernel == "gemm":

@@ -113,32 +113,26 @@ def _kron(tile: int, r: int, name: str, dtype: torch.dtype, device: torch.device
     return _KRON_CACHE[key]
 
 
-def _all(value, k: int) -> bool:
-    """An int or pair (or F.conv2d's "valid" padding, which is 0) that is k in every direction."""
-    if isinstance(value, str):
-        return value == "valid" and k == 0
-    return all(int(v) == k for v in (value if isinstance(value, (tuple, list)) else (value,)))
-
-
 def supported(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups=1) -> bool:
     """True where `winograd_conv2d` computes the convolution itself rather than calling F.conv2d: float32 or
     float64 on the CPU, a square kernel of a size in TILES, stride 1, no dilation or groups, an integer
     zero padding (the same on every side), and an input at least one kernel wide after padding."""
     r = weight.shape[-1] if weight.dim() == 4 else 0
-    p = padding_of(padding)
+    p = uniform(padding)
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4 and weight.dim() == 4
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
             and r in TILES and weight.shape[2] == r and weight.shape[1] == x.shape[1]
             and p is not None and x.shape[2] + 2 * p >= r and x.shape[3] + 2 * p >= r
-            and groups == 1 and _all(stride, 1) and _all(dilation, 1)
+            and groups == 1 and uniform(stride) == 1 and uniform(dilation) == 1
             and not torch.is_autocast_enabled("cpu"))
 
 
-def padding_of(padding) -> Optional[int]:
-    """The zero padding as one int if it is the same in every direction (F.conv2d's "valid": 0), else None."""
-    if isinstance(padding, str):
-        return 0 if padding == "valid" else None
-    values = {int(v) for v in (padding if isinstance(padding, (tuple, list)) else (padding,))}
+def uniform(value) -> Optional[int]:
+    """An int or pair of a stride, padding or dilation as one int if it is the same in every direction
+    (F.conv2d's "valid" padding: 0), else None."""
+    if isinstance(value, str):
+        return 0 if value == "valid" else None
+    values = {int(v) for v in (value if isinstance(value, (tuple, list)) else (value,))}
     return values.pop() if len(values) == 1 else None
 
 
@@ -322,7 +316,7 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, st
     output of `winograd_weight(weight, tile)`, to share one weight transform between calls."""
     if not supported(x, weight, stride, padding, dilation, groups):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    p = padding_of(padding)
+    p = uniform(padding)
     if p:
         x = F.pad(x, (p, p, p, p))
     if tile is None:
