@@ -156,14 +156,29 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo (Linux), or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip().lower() == field:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_generation() -> str:
+    """What tells CPUs of one marketing name apart (a virtual "AMD EPYC" may be Zen 3 or Zen 4, and the
+    kernels' ratios differ between them): the vector instruction set PyTorch dispatches to, and the
+    family/model numbers where /proc/cpuinfo has them, e.g. "AVX2, family 25 model 1"."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    return f"{isa}, family {family} model {model}" if family and model else isa
 
 
 def load_average() -> list[float] | None:
@@ -189,6 +204,7 @@ def environment(device: torch.device, backend: dict) -> dict:
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_name": cpu_name(),
+        "cpu_generation": cpu_generation(),
         "cpu_count": os.cpu_count(),
         "threads": backend["threads"],
         "interop_threads": torch.get_num_interop_threads(),

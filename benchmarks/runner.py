@@ -348,7 +348,8 @@ def _check(value, ok) -> str:
 def table(results: dict) -> str:
     lines = []
     env = results["environment"]
-    lines.append(f"piggyback-gan benchmarks ({results['mode']}) on {env['device_name']} [{env['device']}], "
+    cpu = f" ({env['cpu_generation']})" if env["device"] == "cpu" and env.get("cpu_generation") else ""
+    lines.append(f"piggyback-gan benchmarks ({results['mode']}) on {env['device_name']}{cpu} [{env['device']}], "
                  f"torch {env['torch']}, {env['threads']} threads, load {env.get('load_average_start')}")
     rows = []
     for name, e in results.get("train_recipe", {}).items():   # first: ours against the straightforward iteration

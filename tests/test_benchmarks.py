@@ -54,5 +54,7 @@ def test_tiny_benchmark_writes_complete_results(tmp_path, capsys):
         assert _positive(data["memory"][name]["peak_rss_mib"])
     env = data["environment"]
     assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["date_utc"]
+    isa = torch.backends.cpu.get_cpu_capability()                  # which EPYC generation the ratios are from
+    assert env["cpu_generation"].startswith(isa) and f"({env['cpu_generation']})" in printed
     assert set(data["growth"]) == {f"{n}/lam={lam}" for n in ("resnet_9blocks", "unet_256") for lam in (0.125, 0.25, 0.5)}
     assert all(len(g["rows"]) == 10 for g in data["growth"].values())
