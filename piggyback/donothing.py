@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 REFERENCES = {"identity": "input unchanged", "mean_target": "mean training target"}
