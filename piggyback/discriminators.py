@@ -3,20 +3,22 @@
 Layout, bias rule and init follow junyanz/pytorch-CycleGAN-and-pix2pix `models/networks.py`
 (junyanz `models/networks.py`). Discriminators are not piggybacked (docs/method.md): each task builds
 a fresh one and discards it afterwards. Their convolutions are `convkernels.Conv2d`: nn.Conv2d with the
-same parameters and state dict, whose training-time kernel follows `train.conv_kernels`.
+same parameters and state dict, whose training-time kernel follows `train.conv_kernels`; their batch norm
+is `norms.BatchNorm2d`: nn.BatchNorm2d that can keep the statistics of calls batched together apart.
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from .convkernels import Conv2d
+from .norms import BatchNorm2d
 
 DISCRIMINATORS = ("basic", "n_layers", "pixel")
 
 
 def _plain_norm(norm: str, channels: int) -> nn.Module:
     if norm == "batch":
-        return nn.BatchNorm2d(channels, affine=True, track_running_stats=True)
+        return BatchNorm2d(channels, affine=True, track_running_stats=True)
     if norm == "instance":
         return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
     return nn.Identity()

@@ -4,8 +4,15 @@ The public Piggyback code never stores norm state per task (docs/method.md, "Eve
 earlier tasks come back with the wrong statistics. Here task s's BatchNorm state is kept in buffers
 and is never updated again, even in train mode; the trainable task behaves exactly like junyanz's
 `nn.BatchNorm2d(affine=True, track_running_stats=True)`.
+
+Both batch norms here (`TaskBatchNorm2d` in the generators, `BatchNorm2d` in the discriminators) can
+normalise a batch assembled from several calls' inputs with each call's own statistics (`SeparateCalls`),
+so that a training step may run independent calls through one network as one batched call
+(`models.split_call`) and still compute what the separate calls compute.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +23,40 @@ from .taskmodule import TaskModule
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-class TaskBatchNorm2d(TaskModule):
-    """BatchNorm2d with one set of (weight, bias, running_mean, running_var, num_batches_tracked) per task.
+class SeparateCalls:
+    """A batch norm that can treat its input as several calls' batches concatenated along dim 0.
+
+    While `calls` holds those batches' sizes (set by `models.split_call` for one forward), a train-mode
+    forward normalises each part with its own batch statistics and updates the running statistics once
+    per part, in order: what the separate calls would do, part for part. Outside that (`calls` None,
+    the default) and in eval mode, where the running statistics make the layer per-sample anyway, it is
+    the plain layer.
+    """
+
+    calls: Optional[tuple[int, ...]] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.calls is None or not self.training:
+            return self.normalise(x)
+        if x.shape[0] != sum(self.calls):
+            raise ValueError(f"batch of {x.shape[0]} does not split into the calls {list(self.calls)}")
+        return torch.cat([self.normalise(part) for part in x.split(self.calls, 0)], 0)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class BatchNorm2d(SeparateCalls, nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters, buffers and state dict) that can keep several calls' statistics
+    apart (`SeparateCalls`): the discriminators' batch norm."""
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return nn.BatchNorm2d.forward(self, x)
+
+
+class TaskBatchNorm2d(SeparateCalls, TaskModule):
+    """BatchNorm2d with one set of (weight, bias, running_mean, running_var, num_batches_tracked) per task,
+    several calls' statistics kept apart on request (`SeparateCalls`).
 
     The trainable task uses the plain nn.BatchNorm2d names (Parameters `weight`, `bias`; buffers
     `running_mean`, `running_var`, `num_batches_tracked`); frozen task s uses buffers `<name>_<s>`.
@@ -67,7 +106,7 @@ class TaskBatchNorm2d(TaskModule):
         return torch.device("cpu")
 
     # -- forward -----------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
+    def normalise(self, x: Tensor) -> Tensor:
         t = self._active()
         if t == self.trainable_task:
             # Exactly nn.BatchNorm2d: batch statistics in train mode, running statistics updated.

@@ -1,4 +1,6 @@
 """Piggyback layers and per-task BatchNorm (docs/method.md, with two of its named fixes)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +8,8 @@ from torch import nn
 
 from piggyback import PiggybackConv2d, PiggybackConvTranspose2d, TaskBatchNorm2d
 from piggyback.layers import cheaper_order, compose_weight, num_unconstrained
+from piggyback.models import split_call
+from piggyback.norms import BatchNorm2d
 from piggyback.taskmodule import TaskModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -198,6 +202,65 @@ def test_task_batchnorm_frozen_task_never_changes_and_comes_back():
     assert torch.equal(tbn(x), eval_1)
     assert all(torch.equal(v, frozen[k]) for k, v in tbn.named_buffers() if k.endswith("_1"))
     assert tbn.task_state(2)["num_batches_tracked"].item() == 3
+
+
+def _task_norm(c: int, tasks: int = 1, active: int = 1) -> TaskBatchNorm2d:
+    norm = TaskBatchNorm2d(c)
+    for _ in range(tasks):
+        norm.add_task()
+        norm(torch.randn(4, c, 3, 3))          # some running statistics of its own
+    norm.set_task(active)
+    return norm
+
+
+@pytest.mark.parametrize("make", [lambda c: BatchNorm2d(c), lambda c: _task_norm(c), lambda c: _task_norm(c, 2, 1)],
+                         ids=["BatchNorm2d", "TaskBatchNorm2d", "TaskBatchNorm2d-frozen-task"])
+def test_separate_calls_normalise_each_part_as_its_own_call(make):
+    """Three calls' batches (sizes 1, 2, 1) in one batch with `calls` set: each part's output, the input
+    gradient and the affine gradients equal the three separate calls bit for bit, and the running
+    statistics (and the count of batches) are updated part by part, in order, as by the three calls."""
+    torch.manual_seed(0)
+    batched = make(5)
+    separate = copy.deepcopy(batched)
+    parts = [torch.randn(n, 5, 4, 4) * (i + 1) + i for i, n in enumerate((1, 2, 1))]
+    xs = [p.clone().requires_grad_() for p in parts]
+    x = torch.cat(parts).requires_grad_()
+    weights = [torch.randn(p.shape) for p in parts]
+    batched.calls = (1, 2, 1)
+    y = batched(x)
+    (y * torch.cat(weights)).sum().backward()
+    ys = [separate(p) for p in xs]
+    sum((yi * wi).sum() for yi, wi in zip(ys, weights)).backward()
+    assert torch.equal(y, torch.cat(ys))
+    assert torch.equal(x.grad, torch.cat([p.grad for p in xs]))
+    for (name, a), b in zip(batched.named_parameters(), separate.parameters()):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(batched.named_buffers(), separate.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_separate_calls_only_in_train_mode_and_only_for_matching_sizes():
+    torch.manual_seed(0)
+    norm = BatchNorm2d(3)
+    norm(torch.randn(6, 3, 4, 4))
+    plain = nn.BatchNorm2d(3)
+    plain.load_state_dict(norm.state_dict())       # the same state dict as nn.BatchNorm2d
+    norm.calls = (2, 2)
+    with pytest.raises(ValueError, match=r"batch of 3 does not split into the calls \[2, 2\]"):
+        norm(torch.randn(3, 3, 4, 4))
+    norm.eval(), plain.eval()
+    x = torch.randn(4, 3, 4, 4)
+    assert torch.equal(norm(x), plain(x))          # eval: running statistics, per-sample already
+
+
+def test_split_call_restores_the_norms_even_when_the_call_fails():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    a, b = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    out_a, out_b = split_call(net, a, b)
+    assert out_a.shape == (1, 2, 4, 4) and out_b.shape == (2, 2, 4, 4) and net[1].calls is None
+    with pytest.raises(RuntimeError):                    # 5 channels: the first convolution fails
+        split_call(net, torch.randn(1, 5, 4, 4), torch.randn(2, 5, 4, 4))
+    assert net[1].calls is None
 
 
 @pytest.fixture

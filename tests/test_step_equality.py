@@ -21,8 +21,9 @@ from piggyback.config import CycleGANConfig, Pix2PixConfig
 from piggyback.discriminators import build_discriminator
 from piggyback.convkernels import set_conv_kernels
 from piggyback.losses import GANLoss
-from piggyback.models import ADAM_IMPLS, Precision, StepTools, adam_options, cyclegan, per_sample, pix2pix
+from piggyback.models import ADAM_IMPLS, Precision, StepTools, adam_options, batchable, cyclegan, pix2pix
 from piggyback.networks import GeneratorConfig, build_generator
+from piggyback.norms import SeparateCalls
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CPU = torch.device("cpu")
@@ -67,6 +68,19 @@ def _compare_nets(ours: dict[str, nn.Module], ref: dict[str, nn.Module], exact: 
             assert torch.equal(a, b) and torch.equal(_flat(ours[k], False), _flat(ref[k], False)), k
         else:
             assert (a - b).norm() <= rtol * b.norm(), (k, float((a - b).norm() / b.norm()))
+
+
+def _compare_norms(ours: dict[str, nn.Module], ref: dict[str, nn.Module], rtol: float = 1e-5) -> None:
+    """Every batch norm's running statistics within `rtol` relative, its count of batches equal: a batched
+    call must update them as the separate calls did, part by part and in the reference's order."""
+    for k in ours:
+        pairs = [(a, b) for a, b in zip(ours[k].modules(), ref[k].modules()) if isinstance(a, SeparateCalls)]
+        for a, b in pairs:
+            for (name, x), y in zip(a.named_buffers(), b.buffers()):
+                if name.startswith("num_batches_tracked"):
+                    assert torch.equal(x, y), (k, name)
+                else:
+                    assert (x - y).norm() <= rtol * y.norm(), (k, name, float((x - y).norm() / y.norm()))
 
 
 def _compare_losses(ours: dict, ref: dict, exact: bool, rtol: float = 1e-5) -> None:
@@ -117,6 +131,7 @@ def _run_cyclegan(norm: str, batch_calls: bool, steps: int = 3, kernels: str = "
         torch.testing.assert_close(ours.pop("G"), ref.pop("G"), rtol=rtol / 10, atol=0)
         _compare_losses(ours, ref, exact=False, rtol=rtol)
         _compare_nets(ours_nets, ref_nets, exact=False, rtol=rtol)
+        _compare_norms(ours_nets, ref_nets, rtol=rtol)
     return ours_calls, ref_calls
 
 
@@ -124,7 +139,7 @@ def test_cyclegan_batched_step_equals_the_six_call_iteration():
     ours_calls, ref_calls = _run_cyclegan("instance", batch_calls=True)
     # junyanz: G_A and G_B three calls each, each D three calls (adversarial term, real, fake) per step.
     assert ref_calls == {"G_A": 9, "G_B": 9, "D_A": 9, "D_B": 9}
-    # Batched: G_A on [A, B] and on G_B(B); G_B on [G_A(A), B, A]; each D once for G, once on [real, fake].
+    # Batched: G_A on A and on [G_B(B), B]; G_B on [G_A(A), B, A]; each D once for G, once on [real, fake].
     assert ours_calls == {"G_A": 6, "G_B": 3, "D_A": 6, "D_B": 6}
 
 
@@ -193,9 +208,18 @@ def test_cyclegan_step_with_winograd_convolutions_in_float32(winograd_calls):
     assert winograd_calls == {3: 3 * 12, 4: 4 * 2}
 
 
-def test_batch_norm_is_never_batched():
-    ours_calls, ref_calls = _run_cyclegan("batch", batch_calls=True, steps=1)
-    assert ours_calls == ref_calls        # batch statistics would mix the images: the six calls stay
+def test_batch_norm_is_batched_with_each_calls_statistics():
+    """With batch norm the same three generator and two discriminator calls per step: each call's part
+    normalised with its own statistics, the running statistics updated part by part in junyanz's order
+    (G_A sees A, then G_B(B), then B), so losses, gradients and statistics match the six-call iteration."""
+    ours_calls, ref_calls = _run_cyclegan("batch", batch_calls=True)
+    assert ref_calls == {"G_A": 9, "G_B": 9, "D_A": 9, "D_B": 9}
+    assert ours_calls == {"G_A": 6, "G_B": 3, "D_A": 6, "D_B": 6}
+
+
+def test_batch_norm_unbatched_step_makes_the_six_calls():
+    ours_calls, ref_calls = _run_cyclegan("batch", batch_calls=False)
+    assert ours_calls == ref_calls
 
 
 def _counting(fn, counts: dict, key: str):
@@ -205,12 +229,14 @@ def _counting(fn, counts: dict, key: str):
     return counted
 
 
-@pytest.mark.parametrize("norm, kernels", [("batch", "direct"), ("instance", "direct"), ("batch", "auto")])
-def test_pix2pix_step_equals_the_reference_iteration(norm, kernels, monkeypatch):
-    """pix2pix's own setting (U-Net, batch norm, dropout) keeps every call: bit-identical, dropout included.
-    With instance norm the discriminator judges fake and real in one call; with `train.conv_kernels: auto`
-    the U-Net's inner layers (1x1 to 8x8 maps here) run as matrix products and the discriminator's 4x4
-    stride-1 layers by Winograd: float-equal."""
+@pytest.mark.parametrize("norm, kernels, batch_calls", [("batch", "direct", False), ("batch", "direct", True),
+                                                     ("instance", "direct", True), ("batch", "auto", True)])
+def test_pix2pix_step_equals_the_reference_iteration(norm, kernels, batch_calls, monkeypatch):
+    """pix2pix's own setting (U-Net, batch norm, dropout) with every call kept: bit-identical, dropout
+    included. Batched, the discriminator judges fake and real in one call (with batch norm, each half
+    normalised with its own statistics); with `train.conv_kernels: auto` the U-Net's inner layers (1x1 to
+    8x8 maps here) run as matrix products and the discriminator's 4x4 stride-1 layers by Winograd:
+    float-equal. The generator (dropout) is never batched."""
     cfg = Pix2PixConfig()
     torch.manual_seed(7)
     ours_nets = {"G_A": _generator("unet_128", norm, True, 0), "D_A": build_discriminator("basic", 6, 4, 3, norm)}
@@ -233,13 +259,16 @@ def test_pix2pix_step_equals_the_reference_iteration(norm, kernels, monkeypatch)
         real_A, real_B = (torch.rand(2, 3, 128, 128, generator=g) * 2 - 1 for _ in range(2))
         _sync(ours_nets, ours_opt, ref_nets, ref_opt)
         torch.manual_seed(100 + step)                   # the same dropout masks on both sides
-        ours, _ = pix2pix.train_step(ours_nets, ours_opt, real_A, real_B, StepTools(gan, cfg, pix2pix.make_pools(cfg, 0), prec, True))
+        tools = StepTools(gan, cfg, pix2pix.make_pools(cfg, 0), prec, batch_calls)
+        ours, _ = pix2pix.train_step(ours_nets, ours_opt, real_A, real_B, tools)
         torch.manual_seed(100 + step)
         ref = reference.pix2pix_step(ref_nets, ref_opt, real_A, real_B, cfg, pix2pix.make_pools(cfg, 0))
-        _compare_losses(ours, ref, exact=norm == "batch" and kernels == "direct")
-        _compare_nets(ours_nets, ref_nets, exact=norm == "batch" and kernels == "direct")
+        exact = not batch_calls and kernels == "direct"
+        _compare_losses(ours, ref, exact=exact)
+        _compare_nets(ours_nets, ref_nets, exact=exact)
+        _compare_norms(ours_nets, ref_nets, rtol=0 if exact else 1e-5)
     assert ours_calls["G_A"] == ref_calls["G_A"] == 2
-    assert (ref_calls["D_A"], ours_calls["D_A"]) == (6, 6 if norm == "batch" else 4)
+    assert (ref_calls["D_A"], ours_calls["D_A"]) == (6, 4 if batch_calls else 6)
     if kernels == "auto":                        # ours only: both stride-1 layers of every D call, and
         assert fast["winograd_conv2d"] == 2 * ours_calls["D_A"]            # the U-Net's inner levels
         # one weight transform per layer for D's step (judging fake and real), one for G's: 2 steps
@@ -247,14 +276,16 @@ def test_pix2pix_step_equals_the_reference_iteration(norm, kernels, monkeypatch)
         assert fast["conv2d_gemm"] > 0 and fast["conv_transpose2d_gemm"] > 0
 
 
-def test_per_sample_networks():
+def test_batchable_networks():
     inorm = _generator("resnet_6blocks", "instance", False, 0)
-    assert per_sample(inorm, build_discriminator("basic", 3, 4, 3, "instance"))
-    assert per_sample(build_discriminator("basic", 3, 4, 3, "none"))
-    assert not per_sample(inorm, build_discriminator("basic", 3, 4, 3, "batch"))        # BatchNorm2d
-    assert not per_sample(_generator("unet_128", "batch", False, 0))                     # TaskBatchNorm2d
+    assert batchable(inorm, build_discriminator("basic", 3, 4, 3, "instance"))
+    assert batchable(build_discriminator("basic", 3, 4, 3, "none"))
+    assert batchable(build_discriminator("basic", 3, 4, 3, "batch"))                 # norms.BatchNorm2d
+    assert batchable(_generator("unet_128", "batch", False, 0))                      # TaskBatchNorm2d
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert not batchable(inorm, plain) and batchable(plain.eval())                   # would mix the calls
     dropout = _generator("resnet_6blocks", "instance", True, 0)
-    assert not per_sample(dropout) and per_sample(dropout.eval())                       # masks drawn per call
+    assert not batchable(dropout) and batchable(dropout.eval())                     # masks drawn per call
 
 
 def test_foreach_adam_is_bit_identical_to_the_loop_and_fused_is_float_equal():

@@ -2,10 +2,11 @@
 
 `cyclegan.train_step` / `pix2pix.train_step` compute junyanz's `optimize_parameters` losses and updates;
 the networks they receive are the DDP wrappers (called directly, so gradients are synchronised: the
-public Piggyback code called `model.module` and skipped that). Where a network's output for one image
-does not depend on the other images of its batch (`per_sample`), independent calls through it are
-batched into one (same outputs; the weight gradients are summed in another order). Shared helpers live
-here: gradient toggles, the per-sample check and the optional mixed-precision context.
+public Piggyback code called `model.module` and skipped that). Where one batched call through a network
+computes what separate calls compute (`batchable`: per-sample layers, batch norms that keep each call's
+statistics apart, no active dropout), independent calls through it are batched into one (`split_call`:
+same outputs; the weight gradients are summed in another order). Shared helpers live here: gradient
+toggles, the batching check and call, and the optional mixed-precision context.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from piggyback.norms import TaskBatchNorm2d
+from piggyback.norms import SeparateCalls
 
 
 def set_requires_grad(nets: Iterable[nn.Module], flag: bool) -> None:
@@ -27,18 +28,20 @@ def set_requires_grad(nets: Iterable[nn.Module], flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def per_sample(*nets: nn.Module) -> bool:
-    """True when each network maps every image of a batch independently of the others, in its current mode.
+def batchable(*nets: nn.Module) -> bool:
+    """True when independent calls through each network can run as one batched call (`split_call`) that
+    computes what the separate calls compute, in the networks' current mode.
 
-    Batch statistics (BatchNorm in train mode) mix the batch; active dropout draws its masks per call, so
-    one batched call would draw other masks than separate calls. Instance norm, no norm and eval-mode
-    BatchNorm are per-sample: batching their calls gives bit-identical outputs.
+    Each image must be mapped independently of the others (instance norm, no norm, eval-mode batch norm),
+    or its train-mode batch norms must keep each call's statistics apart (`norms.SeparateCalls`: this
+    project's batch norms do; a plain nn.BatchNorm2d would mix the calls). Active dropout rules batching
+    out: one batched call would draw other masks than separate calls.
     """
     for net in nets:
         for m in net.modules():
-            if not m.training:
+            if not m.training or isinstance(m, SeparateCalls):
                 continue
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, TaskBatchNorm2d)):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 return False
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
                 return False
@@ -46,10 +49,19 @@ def per_sample(*nets: nn.Module) -> bool:
 
 
 def split_call(net: nn.Module, *inputs: Tensor) -> tuple[Tensor, ...]:
-    """`net` applied to each input, as one batched call: (net(x) for x in inputs) for a per-sample net."""
-    out = net(torch.cat(inputs, 0))
-    return tuple(out.split([x.shape[0] for x in inputs], 0))
-
+    """(net(x) for x in inputs) as one call on the inputs concatenated, for a `batchable` net: its batch
+    norms normalise each input's part with that part's statistics, in the order given (the running
+    statistics are updated as the separate calls would update them)."""
+    sizes = tuple(x.shape[0] for x in inputs)
+    norms = [m for m in net.modules() if isinstance(m, SeparateCalls)]
+    for m in norms:
+        m.calls = sizes
+    try:
+        out = net(torch.cat(inputs, 0))
+    finally:
+        for m in norms:
+            m.calls = None
+    return tuple(out.split(sizes, 0))
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,7 @@ class StepTools:
     cfg: Any                     # config.CycleGANConfig or config.Pix2PixConfig (loss weights, pool size)
     pools: dict                  # ImagePool per pooled fake (make_pools)
     prec: "Precision"            # autocast / gradient scaling
-    batch_calls: bool = False    # batch independent calls through per-sample networks (train.batch_calls)
+    batch_calls: bool = False    # batch independent calls through `batchable` networks (train.batch_calls)
 
 
 ADAM_IMPLS = ("auto", "default", "loop", "foreach", "fused")

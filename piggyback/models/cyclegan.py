@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from piggyback.config import CycleGANConfig
 from piggyback.lifelong import reuse_composed_weights
 from piggyback.losses import GANLoss, ImagePool
-from piggyback.models import StepTools, per_sample, set_requires_grad, split_call
+from piggyback.models import StepTools, batchable, set_requires_grad, split_call
 
 GENERATORS = ("G_A", "G_B")
 DISCRIMINATORS = ("D_A", "D_B")
@@ -23,17 +23,21 @@ def forward(G_A: nn.Module, G_B: nn.Module, real_A: Tensor, real_B: Tensor, iden
     """(visuals, identity outputs): translations, reconstructions and, with `identity`, G_A(B) and G_B(A).
 
     junyanz makes six generator calls. The calls through one generator that do not depend on each other
-    go together when `batched` (per-sample generators only): G_A on [A, B] (translation, identity), then
-    G_B on [G_A(A), B, A] (cycle, translation, identity), then G_A on G_B(B) (cycle): three calls.
+    go together when `batched` (`batchable` generators only): G_A on A (translation), then G_B on
+    [G_A(A), B, A] (cycle, translation, identity), then G_A on [G_B(B), B] (cycle, identity): three calls,
+    each generator seeing its inputs in junyanz's order (a batch norm's running statistics follow it).
     """
-    if not batched:
-        fake_B, fake_A = G_A(real_A), G_B(real_B)
-        rec_A, rec_B = G_B(fake_B), G_A(fake_A)
+    if not batched:                                  # junyanz's order: a batch norm's running statistics follow it
+        fake_B = G_A(real_A)
+        rec_A = G_B(fake_B)
+        fake_A = G_B(real_B)
+        rec_B = G_A(fake_A)
         idt = {"idt_A": G_A(real_B), "idt_B": G_B(real_A)} if identity else {}
     elif identity:
-        fake_B, idt_A = split_call(G_A, real_A, real_B)
+        fake_B = G_A(real_A)
         rec_A, fake_A, idt_B = split_call(G_B, fake_B, real_B, real_A)
-        rec_B, idt = G_A(fake_A), {"idt_A": idt_A, "idt_B": idt_B}
+        rec_B, idt_A = split_call(G_A, fake_A, real_B)
+        idt = {"idt_A": idt_A, "idt_B": idt_B}
     else:
         fake_B = G_A(real_A)
         rec_A, fake_A = split_call(G_B, fake_B, real_B)
@@ -61,7 +65,7 @@ def generator_loss(
 def discriminator_loss(D: nn.Module, real: Tensor, fake: Tensor, gan: GANLoss, batched: bool = False) -> dict[str, Tensor]:
     """(GAN(D(real), real) + GAN(D(fake), fake)) x 0.5, `fake` detached (it comes from the pool).
 
-    `batched` (a per-sample D only): one call on [real, fake], the same predictions as two calls.
+    `batched` (a `batchable` D only): one call on [real, fake], the same predictions as two calls.
     """
     fake = fake.detach()
     pred_real, pred_fake = split_call(D, real, fake) if batched else (D(real), D(fake))
@@ -73,13 +77,14 @@ def train_step(nets: dict[str, nn.Module], optimizers: dict, real_A: Tensor, rea
                tools: StepTools) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One iteration: returns (detached losses, detached visuals). `nets` are the DDP wrappers.
 
-    `tools.batch_calls`: batch the independent calls through one network where that network is per-sample
-    (instance norm or none, no active dropout); never where batch statistics would mix the images.
+    `tools.batch_calls`: batch the independent calls through one network where that network is `batchable`
+    (no active dropout; batch norms normalise each call's part with its own statistics, so no
+    statistics mix the images of different calls).
     """
     G_A, G_B, D_A, D_B = (nets[k] for k in ("G_A", "G_B", "D_A", "D_B"))
     gan, cfg, pools, prec, batch_calls = tools.gan, tools.cfg, tools.pools, tools.prec, tools.batch_calls
-    batch_G = batch_calls and per_sample(G_A, G_B)
-    batch_D = batch_calls and per_sample(D_A, D_B)
+    batch_G = batch_calls and batchable(G_A, G_B)
+    batch_D = batch_calls and batchable(D_A, D_B)
 
     # Generators: D frozen so its parameters collect no gradient from the adversarial terms. Each G runs
     # three times (translation, cycle, identity); its piggyback weights are composed once.

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from piggyback.config import Pix2PixConfig
 from piggyback.lifelong import reuse_composed_weights
 from piggyback.losses import GANLoss, ImagePool
-from piggyback.models import StepTools, per_sample, set_requires_grad, split_call
+from piggyback.models import StepTools, batchable, set_requires_grad, split_call
 
 GENERATORS = ("G_A",)
 DISCRIMINATORS = ("D_A",)
@@ -23,7 +23,8 @@ def discriminator_loss(D: nn.Module, real_AB: Tensor, fake_AB: Tensor, gan: GANL
                        batched: bool = False) -> dict[str, Tensor]:
     """(GAN(D(cat(A, fake_B)), fake) + GAN(D(cat(A, real_B)), real)) x 0.5, the fake detached from G.
 
-    `batched` (a per-sample D only, never batch norm): one call on [fake, real], the same predictions.
+    `batched` (a `batchable` D: its batch norms keep the two halves' statistics apart): one call on
+    [fake, real], the same predictions and running-statistics updates as the two calls, in their order.
     """
     fake_AB = fake_AB.detach()
     pred_fake, pred_real = split_call(D, fake_AB, real_AB) if batched else (D(fake_AB), D(real_AB))
@@ -44,8 +45,8 @@ def train_step(nets: dict[str, nn.Module], optimizers: dict, real_A: Tensor, rea
                tools: StepTools) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One iteration: returns (detached losses, detached visuals). `nets` are the DDP wrappers.
 
-    `tools.batch_calls`: D judges the fake and the real pair in one call where D is per-sample (instance norm
-    or none); pix2pix's default batch norm keeps the two calls.
+    `tools.batch_calls`: D judges the fake and the real pair in one call (`batchable`; with pix2pix's batch
+    norm each half is normalised with its own statistics, as in the two calls).
     """
     G, D = nets["G_A"], nets["D_A"]
     gan, cfg, pools, prec, batch_calls = tools.gan, tools.cfg, tools.pools, tools.prec, tools.batch_calls
@@ -58,7 +59,7 @@ def train_step(nets: dict[str, nn.Module], optimizers: dict, real_A: Tensor, rea
     optimizers["D"].zero_grad(set_to_none=True)
     with prec.autocast(), reuse_composed_weights(D):       # one Winograd transform for both calls
         fake_AB = pools["fake_AB"].query(torch.cat([real_A, fake_B], 1))
-        d = discriminator_loss(D, torch.cat([real_A, real_B], 1), fake_AB, gan, batch_calls and per_sample(D))
+        d = discriminator_loss(D, torch.cat([real_A, real_B], 1), fake_AB, gan, batch_calls and batchable(D))
     prec.backward(d["D"])
     prec.step(optimizers["D"])
 
