@@ -1,8 +1,9 @@
-"""Child process of the memory measurements: ``python -m benchmarks._case '<json spec>'``.
+"""Child process of the memory measurements (and of the recipe timings): ``python -m benchmarks._case '<json spec>'``.
 
 Builds one candidate, resets the peak-RSS mark, runs the work and prints one JSON line (see memory.py).
 Kinds: train | infer (spec: case, candidate, device, channels_last, steps), fid_features (impl, weights,
-folder, batch, device), frechet (impl, stats), exec (cmd, cwd, log: a command's own peak via its children).
+folder, batch, device), frechet (impl, stats), exec (cmd, cwd, log: a command's own peak via its children);
+and recipe (runner.recipe_in_subprocess: one full-iteration timing case in a fresh process).
 """
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def measure(spec: dict) -> dict:
     """Build the spec's work, reset the peak mark, run it; the report (see the module docstring)."""
     kind = spec["kind"]
     report: dict = {"kind": kind}
+
+    if kind == "recipe":                       # a timing, not a memory case: runner.recipe_in_subprocess
+        from .runner import recipe_case
+
+        return recipe_case(spec)
 
     if kind == "exec":                         # no torch import: the child's own peak is what counts
         start = time.perf_counter()

@@ -12,6 +12,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from .core import ROOT
@@ -49,16 +50,33 @@ def peak_mib() -> float:
     return kib / 1024
 
 
-def measure_in_subprocess(spec: dict, timeout: float = 1800, env: dict | None = None) -> dict:
-    """Run one case in a fresh interpreter (environment `env`, default ours); its JSON report or {"error"}."""
+def measure_in_subprocess(spec: dict, timeout: float = 1800, env: dict | None = None, echo: bool = False) -> dict:
+    """Run one case in a fresh interpreter (environment `env`, default ours); its JSON report or {"error"}.
+    `echo`: pass the child's other output lines (its progress) through to ours as they come."""
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    try:
-        out = subprocess.run([sys.executable, "-m", "benchmarks._case", json.dumps(spec)], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    cmd = [sys.executable, "-m", "benchmarks._case", json.dumps(spec)]
+    killed = threading.Event()
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        def kill() -> None:
+            killed.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        kept: list[str] = []
+        try:
+            for line in proc.stdout:
+                if echo and not line.startswith("{"):
+                    print(line, end="", flush=True)
+                kept.append(line)
+            returncode = proc.wait()
+        finally:
+            timer.cancel()
+    if killed.is_set():
         return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"error": f"exit {out.returncode}: {(out.stderr or out.stdout)[-800:]}"}
+    lines = [ln for ln in kept if ln.startswith("{")]
+    if returncode != 0 or not lines:
+        return {"error": f"exit {returncode}: {''.join(kept)[-800:]}"}
     return json.loads(lines[-1])

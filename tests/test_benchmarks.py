@@ -10,7 +10,10 @@ import math
 
 import torch
 
-from benchmarks.runner import preset, run
+import pytest
+
+from benchmarks.nets import Case
+from benchmarks.runner import KEPT_HEAP_ENV, BenchConfig, preset, recipe_in_subprocess, run
 
 REQUIRED = ("train_overhead_task3", "infer_overhead", "frechet_speedup", "frechet_rel_diff", "feature_speedup")
 
@@ -58,3 +61,25 @@ def test_tiny_benchmark_writes_complete_results(tmp_path, capsys):
     assert env["cpu_generation"].startswith(isa) and f"({env['cpu_generation']})" in printed
     assert set(data["growth"]) == {f"{n}/lam={lam}" for n in ("resnet_9blocks", "unet_256") for lam in (0.125, 0.25, 0.5)}
     assert all(len(g["rows"]) == 10 for g in data["growth"].values())
+
+
+def test_recipe_case_runs_in_a_fresh_process_under_the_given_heap(capsys):
+    """The full and quick runs time each recipe case in its own interpreter (so a ratio does not depend on
+    the cases before it), once as is and once with glibc keeping freed memory: the child's entry comes
+    back, its progress is passed through, and the kept-heap child really ran under that environment."""
+    cfg = BenchConfig(mode="quick", recipe_warmup=1, recipe_repeats=1, recipe_levers=("unbatched",), threads=1)
+    case = Case("resnet_9blocks", 32, ngf=8)
+    plain = recipe_in_subprocess(cfg, case, torch.device("cpu"), False)
+    kept = recipe_in_subprocess(cfg, case, torch.device("cpu"), False, env=KEPT_HEAP_ENV, levers=False)
+    printed = capsys.readouterr().out
+    assert "resnet_9blocks@32 cyclegan round 1/1" in printed and "levers round 1/1" in printed
+    assert plain["process"] == "fresh process" and plain["malloc_env"] == {k: None for k in KEPT_HEAP_ENV}
+    assert kept["process"].startswith("fresh process, MALLOC_") and kept["malloc_env"] == KEPT_HEAP_ENV
+    assert set(plain["timings"]) == {"reference", "plain", "task3"} and set(plain["levers"]) == {"unbatched"}
+    assert kept["levers"] == {} and _positive(kept["vs_reference"]["task3"]["ratio"])
+
+
+def test_a_failing_recipe_child_is_an_error_naming_the_case():
+    cfg = BenchConfig(mode="quick", recipe_warmup=1, recipe_repeats=1, threads=1)
+    with pytest.raises(RuntimeError, match=r"(?s)recipe case nosuchnet@32: exit 1: .*KeyError: .nosuchnet"):
+        recipe_in_subprocess(cfg, Case("nosuchnet", 32, ngf=8), torch.device("cpu"), False)
