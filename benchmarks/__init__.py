@@ -17,10 +17,13 @@ a short table and writes ``benchmarks/results/latest.json`` (git-ignored). What 
   run also times the real recipe, ``cyclegan.train_step`` / ``pix2pix.train_step`` with discriminators,
   image pools and GAN losses (``train_recipe``; CycleGAN calls each generator three times per iteration).
 - ``recipe_vs_reference_task3`` (per case): one full iteration of our recipe training task 3, as
-  training runs it (independent calls batched through per-sample networks, default Adam), over the
-  straightforward iteration of ``benchmarks/reference.py`` (junyanz's structure: six generator calls,
-  separate discriminator calls for real and fake, float32, eager, default Adam) on plain networks holding
-  the same weights (reference, plain and task 3 interleaved on their own, after two warm-up rounds).
+  training runs it (independent calls through one network batched, training's default kernels and Adam),
+  over the straightforward iteration of ``benchmarks/reference.py`` (junyanz's structure: six generator
+  calls, separate discriminator calls for real and fake, float32, eager, default Adam) on plain networks
+  holding the same weights (reference, plain and task 3 interleaved on their own, after two warm-up
+  rounds). Each case runs in a fresh interpreter, so its ratio does not depend on the cases before it;
+  ``recipe_vs_reference_task3_kept_heap`` is the same measured in a second fresh interpreter with glibc
+  told to keep freed memory (``runner.KEPT_HEAP_ENV``), the state of a long-lived process.
   ``levers`` in each ``train_recipe`` case: our step one switch away from the default (``unbatched``,
   ``adam_default``, ``adam_foreach``, ``channels_last``, ``direct_kernels``) over the default step, a
   second interleave (``lever_timings``).

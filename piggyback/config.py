@@ -170,7 +170,7 @@ class TrainConfig:
     max_steps: int = 0                 # Stop each task after this many iterations (0: no limit).
     amp: str = "none"                  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False
-    batch_calls: bool = False          # One call for independent calls through a per-sample network (exact outputs).
+    batch_calls: bool = False          # One call for independent calls through a network (models.batchable; same outputs).
     adam_impl: str = "auto"            # auto (fused on the CPU from 2M parameters) | default (PyTorch's per device) | loop | foreach | fused
     conv_kernels: str = "auto"         # auto | direct: the training-time convolution kernel (piggyback/convkernels.py)
     log_every: int = 10                # Iterations between loss logs to MLflow.
