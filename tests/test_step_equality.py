@@ -135,16 +135,21 @@ def _run_cyclegan(norm: str, batch_calls: bool, steps: int = 3, kernels: str = "
     return ours_calls, ref_calls
 
 
-def test_cyclegan_batched_step_equals_the_six_call_iteration():
-    ours_calls, ref_calls = _run_cyclegan("instance", batch_calls=True)
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_cyclegan_batched_step_equals_the_six_call_iteration(norm):
+    """Batched: the same losses, gradients and running statistics as junyanz's six calls. With batch norm
+    each call's part is normalised with its own statistics, and the running statistics are updated part
+    by part in junyanz's order (G_A sees A, then G_B(B), then B)."""
+    ours_calls, ref_calls = _run_cyclegan(norm, batch_calls=True)
     # junyanz: G_A and G_B three calls each, each D three calls (adversarial term, real, fake) per step.
     assert ref_calls == {"G_A": 9, "G_B": 9, "D_A": 9, "D_B": 9}
     # Batched: G_A on A and on [G_B(B), B]; G_B on [G_A(A), B, A]; each D once for G, once on [real, fake].
     assert ours_calls == {"G_A": 6, "G_B": 3, "D_A": 6, "D_B": 6}
 
 
-def test_cyclegan_unbatched_step_makes_the_six_calls():
-    ours_calls, ref_calls = _run_cyclegan("instance", batch_calls=False)
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_cyclegan_unbatched_step_makes_the_six_calls(norm):
+    ours_calls, ref_calls = _run_cyclegan(norm, batch_calls=False)
     assert ours_calls == ref_calls
 
 
@@ -206,20 +211,6 @@ def test_cyclegan_step_with_winograd_convolutions_in_float32(winograd_calls):
     step here); the float64 test above is the exactness check."""
     _run_cyclegan("instance", batch_calls=True, steps=1, kernels="auto", rtol=1e-4)
     assert winograd_calls == {3: 3 * 12, 4: 4 * 2}
-
-
-def test_batch_norm_is_batched_with_each_calls_statistics():
-    """With batch norm the same three generator and two discriminator calls per step: each call's part
-    normalised with its own statistics, the running statistics updated part by part in junyanz's order
-    (G_A sees A, then G_B(B), then B), so losses, gradients and statistics match the six-call iteration."""
-    ours_calls, ref_calls = _run_cyclegan("batch", batch_calls=True)
-    assert ref_calls == {"G_A": 9, "G_B": 9, "D_A": 9, "D_B": 9}
-    assert ours_calls == {"G_A": 6, "G_B": 3, "D_A": 6, "D_B": 6}
-
-
-def test_batch_norm_unbatched_step_makes_the_six_calls():
-    ours_calls, ref_calls = _run_cyclegan("batch", batch_calls=False)
-    assert ours_calls == ref_calls
 
 
 def _counting(fn, counts: dict, key: str):
