@@ -418,7 +418,7 @@ def table(results: dict) -> str:
                      f"x{r['task3']['ratio']:.3f} (min x{r['task3']['min_ratio']:.3f})"])
         if "kept_heap" in e:
             t, r = e["kept_heap"]["timings"], e["kept_heap"]["vs_reference"]
-            rows.append([f"  the same, glibc keeping freed memory", f"reference {t['reference']['median_s'] * 1e3:.0f} ms",
+            rows.append(["  the same, glibc keeping freed memory", f"reference {t['reference']['median_s'] * 1e3:.0f} ms",
                          f"task3 {t['task3']['median_s'] * 1e3:.0f} ms",
                          f"x{r['task3']['ratio']:.3f} (min x{r['task3']['min_ratio']:.3f})"])
     for name, e in results.get("train", {}).items():
